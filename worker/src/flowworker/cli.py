@@ -1,0 +1,239 @@
+"""The ``flowworker`` command: ``worker``, ``enqueue`` and ``db upgrade``.
+
+Exit codes: 0 done, 1 failed at run time, 2 bad usage or settings (one line on stderr naming the
+option or variable; nothing is started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from arq.jobs import Job, JobStatus
+
+from . import logs
+from .infrastructure import create_engine, create_redis, initialize
+from .registry import FlowImportError, registry
+from .schema import SchemaError, upgrade
+from .settings import Settings, SettingsError, env_name, load_settings
+from .version import VERSION
+from .worker import serve
+
+# settings the worker takes as options, in the order --help lists them
+WORKER_OPTIONS = (
+    'queue_name',
+    'max_jobs',
+    'job_timeout',
+    'log_level',
+    'worker_id',
+    'drain_timeout',
+    'heartbeat_interval',
+    'poll_delay',
+    'max_tries',
+)
+
+
+class UsageError(Exception):
+    pass
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """One line, exit 2 (argparse's default adds the usage block)."""
+        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
+
+
+def _field_help(field: str) -> str:
+    info = Settings.model_fields[field]
+    default = info.default
+    if isinstance(default, str) and field != 'worker_id':
+        default = f"'{default}'"
+    return f'{info.description} [env {env_name(field)}; default {default}]'
+
+
+def _add_env_file(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        '--env-file',
+        type=Path,
+        metavar='PATH',
+        help='read settings from this .env file (default: ./.env if present); the environment overrides it',
+    )
+
+
+def worker_parser(prog: str | None = None) -> Parser:
+    parser = Parser(
+        prog=prog,
+        description='Run one worker process: it runs flows from the queue arq:queue:<queue-name> and records '
+        'every task in PostgreSQL. Settings come from the command line, then the environment, then the env '
+        'file, then defaults. SIGTERM/SIGINT drain and stop; SIGUSR1 stops picking jobs.',
+        argument_default=argparse.SUPPRESS,
+    )
+    for field in WORKER_OPTIONS:
+        option = '--' + field.replace('_', '-')
+        parser.add_argument(option, dest=field, metavar=field.split('_')[-1].upper(), help=_field_help(field))
+    _add_env_file(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog='flowworker', description='Run and operate flowworker: arq workers that run flows.')
+    parser.add_argument('--version', action='version', version=f'flowworker {VERSION}')
+    commands = parser.add_subparsers(dest='command', required=True, parser_class=Parser)
+
+    commands.add_parser(
+        'worker',
+        parents=[worker_parser()],
+        add_help=False,
+        help='run one worker process',
+        description=worker_parser().description,
+    )
+
+    enqueue = commands.add_parser('enqueue', help='queue a flow, as a producer would')
+    enqueue.add_argument('flow', help='flow name, e.g. demo.echo')
+    enqueue.add_argument('--params', default='{}', metavar='JSON', help="the flow's params as a JSON object")
+    enqueue.add_argument(
+        '--queue',
+        dest='queue_name',
+        default=argparse.SUPPRESS,
+        metavar='NAME',
+        help=_field_help('queue_name'),
+    )
+    enqueue.add_argument('--count', type=int, default=1, metavar='N', help='queue N jobs (default 1)')
+    enqueue.add_argument(
+        '--wait',
+        type=float,
+        metavar='SECONDS',
+        help='wait up to SECONDS for the results and print them; exit 1 if any job failed',
+    )
+    _add_env_file(enqueue)
+
+    db = commands.add_parser('db', help='manage the task-record schema')
+    db_commands = db.add_subparsers(dest='db_command', required=True, parser_class=Parser)
+    db_upgrade = db_commands.add_parser(
+        'upgrade', help='create or migrate the schema (run as its owner); idempotent'
+    )
+    db_upgrade.add_argument(
+        '--grant-to', metavar='ROLE', help='grant this role the SELECT, INSERT and UPDATE a worker needs'
+    )
+    _add_env_file(db_upgrade)
+    return parser
+
+
+def _settings(args: argparse.Namespace, fields: Sequence[str]) -> Settings:
+    overrides = {f: getattr(args, f) for f in fields if hasattr(args, f)}
+    return load_settings(args.env_file, **overrides)
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    settings = _settings(args, WORKER_OPTIONS)
+    settings.require_database()
+    settings.require_redis()
+    logs.configure(settings.log_level, settings.log_format)
+    registry.load(settings.flow_modules, settings.project_root)
+
+    async def main() -> int:
+        infra = await initialize(settings, connect_retries=30)
+        try:
+            return await serve(infra, registry)
+        finally:
+            await infra.shutdown()
+
+    return asyncio.run(main())
+
+
+async def _enqueue(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        params = json.loads(args.params)
+    except json.JSONDecodeError as e:
+        raise UsageError(f'--params is not JSON: {e}') from None
+    if not isinstance(params, dict):
+        raise UsageError('--params must be a JSON object')
+    if args.count < 1:
+        raise UsageError('--count must be at least 1')
+    redis = await create_redis(settings)
+    try:
+        jobs = [
+            await redis.enqueue_job('run_flow', args.flow, params, _queue_name=settings.queue_key)
+            for _ in range(args.count)
+        ]
+        queued = [job for job in jobs if job is not None]
+        if args.wait is None:
+            for job in queued:
+                print(job.job_id)
+            return 0
+        return await _print_results(queued, args.wait)
+    finally:
+        await redis.aclose(close_connection_pool=True)
+
+
+async def _print_results(jobs: list[Job], timeout: float) -> int:
+    failed = 0
+    for job in jobs:
+        try:
+            result: Any = await job.result(timeout=timeout, poll_delay=0.1)
+            print(json.dumps({'job_id': job.job_id, 'status': 'succeeded', 'result': result}, default=repr))
+        except TimeoutError:
+            failed += 1
+            status = await job.status()
+            print(
+                json.dumps(
+                    {
+                        'job_id': job.job_id,
+                        'status': status.value if status != JobStatus.not_found else 'unknown',
+                    }
+                )
+            )
+        except Exception as e:  # the job's own error, re-raised by arq
+            failed += 1
+            print(json.dumps({'job_id': job.job_id, 'status': 'failed', 'error': f'{type(e).__name__}: {e}'}))
+    return 1 if failed else 0
+
+
+def run_enqueue(args: argparse.Namespace) -> int:
+    settings = _settings(args, ('queue_name',))
+    settings.require_redis()
+    return asyncio.run(_enqueue(settings, args))
+
+
+def run_db_upgrade(args: argparse.Namespace) -> int:
+    settings = _settings(args, ())
+    settings.require_database()
+
+    async def main() -> list[int]:
+        engine = create_engine(settings)
+        try:
+            return await upgrade(engine, grant_to=args.grant_to)
+        finally:
+            await engine.dispose()
+
+    applied = asyncio.run(main())
+    print(f'applied migrations {", ".join(map(str, applied))}' if applied else 'schema is up to date')
+    return 0
+
+
+def _run(command: Any, args: argparse.Namespace, prog: str) -> int:
+    try:
+        return int(command(args))
+    except (SettingsError, UsageError, FlowImportError, SchemaError) as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 2
+
+
+def start_worker(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """``scripts/start_worker.py``: the worker with the guide's options."""
+    parser = worker_parser(prog)
+    args = parser.parse_args(argv)
+    args.env_file = getattr(args, 'env_file', None)
+    return _run(run_worker, args, parser.prog)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.env_file = getattr(args, 'env_file', None)
+    command = {'worker': run_worker, 'enqueue': run_enqueue, 'db': run_db_upgrade}[args.command]
+    return _run(command, args, 'flowworker')

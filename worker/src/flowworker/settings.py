@@ -1,0 +1,268 @@
+"""Worker settings: command line > environment > env file > defaults.
+
+Every field documents its environment variable and default; ``cli.py`` builds its options and
+``--help`` from these fields, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from arq.connections import RedisSettings
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+QUEUE_KEY_PREFIX = 'arq:queue:'
+SSLMODES = ('disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full')
+
+
+def _env(name: str, description: str, **kwargs: Any) -> Any:
+    """A field read from environment variable ``name`` (and from the field's own name, for the CLI)."""
+    return Field(validation_alias=AliasChoices(name), description=description, **kwargs)
+
+
+class SettingsError(Exception):
+    """A setting is missing or has a bad value; the message names it."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file='.env',
+        env_file_encoding='utf-8',
+        extra='ignore',
+        validate_by_name=True,
+        validate_default=True,
+        hide_input_in_errors=True,
+    )
+
+    # --- PostgreSQL -------------------------------------------------------------------------
+    database_url: SecretStr | None = _env(
+        'DATABASE_URL',
+        'PostgreSQL DSN, postgresql://user:password@host:port/name[?sslmode=...]',
+        default=None,
+    )
+    database_host: str | None = _env(
+        'DATABASE_HOST', 'PostgreSQL host (when DATABASE_URL is unset)', default=None
+    )
+    database_port: int = _env('DATABASE_PORT', 'PostgreSQL port', default=5432, ge=1, le=65535)
+    database_name: str | None = _env('DATABASE_NAME', 'PostgreSQL database name', default=None)
+    database_user: str | None = _env('DATABASE_USER', 'PostgreSQL user', default=None)
+    database_password: SecretStr | None = _env('DATABASE_PASSWORD', 'PostgreSQL password', default=None)
+    database_sslmode: Literal['disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full'] | None = (
+        _env('DATABASE_SSLMODE', f'TLS to PostgreSQL: one of {", ".join(SSLMODES)}', default=None)
+    )
+    database_sslrootcert: Path | None = _env(
+        'DATABASE_SSLROOTCERT', 'CA bundle that signs the PostgreSQL server certificate', default=None
+    )
+    database_pool_size: int = _env(
+        'DATABASE_POOL_SIZE', 'connections kept open per process', default=20, ge=1
+    )
+    database_max_overflow: int = _env(
+        'DATABASE_MAX_OVERFLOW', 'extra connections opened under load per process', default=30, ge=0
+    )
+    database_pool_recycle: int = _env(
+        'DATABASE_POOL_RECYCLE', 'seconds after which a pooled connection is replaced', default=3600, ge=-1
+    )
+
+    # --- Redis ------------------------------------------------------------------------------
+    redis_url: SecretStr | None = _env(
+        'REDIS_URL', 'Redis DSN, redis://[user:password@]host:port/db or rediss:// for TLS', default=None
+    )
+    redis_host: str | None = _env('REDIS_HOST', 'Redis host (when REDIS_URL is unset)', default=None)
+    redis_port: int = _env('REDIS_PORT', 'Redis port', default=6379, ge=1, le=65535)
+    redis_db: int = _env('REDIS_DB', 'Redis database number', default=0, ge=0)
+    redis_username: str | None = _env('REDIS_USERNAME', 'Redis ACL user', default=None)
+    redis_password: SecretStr | None = _env('REDIS_PASSWORD', 'Redis password (AUTH)', default=None)
+    redis_tls: bool = _env('REDIS_TLS', 'connect to Redis over TLS (implied by rediss://)', default=False)
+    redis_tls_ca_certs: Path | None = _env(
+        'REDIS_TLS_CA_CERTS', 'CA bundle that signs the Redis server certificate', default=None
+    )
+
+    # --- the worker -------------------------------------------------------------------------
+    queue_name: str = _env(
+        'FLOWWORKER_QUEUE_NAME',
+        'queue to process; its Redis key is arq:queue:<name>',
+        default='default',
+        pattern=r'^[A-Za-z0-9_.:-]+$',
+    )
+    max_jobs: int = _env('FLOWWORKER_MAX_JOBS', 'maximum concurrent jobs per worker', default=10, ge=1)
+    job_timeout: float = _env('FLOWWORKER_JOB_TIMEOUT', 'job timeout in seconds', default=3600, gt=0)
+    drain_timeout: float = _env(
+        'FLOWWORKER_DRAIN_TIMEOUT',
+        'seconds running jobs may take to finish after SIGTERM before they are re-queued',
+        default=300,
+        ge=0,
+    )
+    heartbeat_interval: float = _env(
+        'FLOWWORKER_HEARTBEAT_INTERVAL',
+        'seconds between heartbeats (key TTL is 3 intervals)',
+        default=5,
+        gt=0,
+    )
+    worker_id: str = _env(
+        'FLOWWORKER_WORKER_ID',
+        'name of this process in heartbeats and task records',
+        default='<hostname>:<pid>',
+        min_length=1,
+    )
+    poll_delay: float = _env(
+        'FLOWWORKER_POLL_DELAY',
+        'seconds between queue polls when Redis keyspace events cannot wake the worker',
+        default=0.05,
+        gt=0,
+    )
+    max_tries: int = _env(
+        'FLOWWORKER_MAX_TRIES', 'attempts a job may take when its flow asks for retries', default=5, ge=1
+    )
+    flow_modules: Annotated[list[str], NoDecode] = _env(
+        'FLOWWORKER_FLOW_MODULES', 'comma-separated modules whose flows this worker runs', default=[]
+    )
+
+    # --- logging and paths ------------------------------------------------------------------
+    log_level: Literal['DEBUG', 'INFO', 'WARNING', 'ERROR'] = _env(
+        'LOG_LEVEL', 'worker log level', default='INFO'
+    )
+    log_format: Literal['plain', 'json'] = _env(
+        'LOG_FORMAT', 'log lines as plain text or JSON', default='plain'
+    )
+    project_root: Path = _env(
+        'PROJECT_ROOT',
+        'directory flow modules are imported from (default: the working directory)',
+        default_factory=Path.cwd,
+    )
+
+    @field_validator('log_level', mode='before')
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator('flow_modules', mode='before')
+    @classmethod
+    def _split_modules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [m.strip() for m in value.split(',') if m.strip()]
+        return value
+
+    @field_validator('worker_id', mode='after')
+    @classmethod
+    def _default_worker_id(cls, value: str) -> str:
+        return f'{socket.gethostname()}:{os.getpid()}' if value == '<hostname>:<pid>' else value
+
+    @field_validator('database_url', mode='after')
+    @classmethod
+    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return value
+        try:
+            backend = make_url(value.get_secret_value()).get_backend_name()
+        except ArgumentError:
+            backend = None
+        if backend not in {'postgresql', 'postgres'}:
+            raise ValueError('must be a postgresql://user:password@host:port/name URL')
+        return value
+
+    @field_validator('redis_url', mode='after')
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ('redis://', 'rediss://', 'unix://')
+        ):
+            raise ValueError('must be a redis://, rediss:// or unix:// URL')
+        return value
+
+    def require_database(self) -> None:
+        if self.database_url is None and not (
+            self.database_host and self.database_name and self.database_user
+        ):
+            raise SettingsError(
+                'DATABASE_URL is not set (nor DATABASE_HOST, DATABASE_NAME and DATABASE_USER)'
+            )
+
+    def require_redis(self) -> None:
+        if self.redis_url is None and not self.redis_host:
+            raise SettingsError('REDIS_URL is not set (nor REDIS_HOST)')
+
+    @property
+    def queue_key(self) -> str:
+        """The Redis sorted set that holds this worker's queue."""
+        return QUEUE_KEY_PREFIX + self.queue_name
+
+    def sqlalchemy_url(self) -> tuple[URL, dict[str, Any]]:
+        """The asyncpg URL and the ``connect_args`` that carry TLS settings."""
+        if self.database_url is not None:
+            url = make_url(self.database_url.get_secret_value())
+        else:
+            url = URL.create(
+                'postgresql',
+                username=self.database_user,
+                password=self.database_password.get_secret_value() if self.database_password else None,
+                host=self.database_host,
+                port=self.database_port,
+                database=self.database_name,
+            )
+        query = dict(url.query)
+        sslmode = self.database_sslmode or query.pop('sslmode', None)
+        connect_args: dict[str, Any] = {}
+        if isinstance(sslmode, str) and sslmode != 'disable':
+            if self.database_sslrootcert is not None and sslmode in {'verify-ca', 'verify-full'}:
+                context = ssl.create_default_context(cafile=self.database_sslrootcert)
+                context.check_hostname = sslmode == 'verify-full'
+                connect_args['ssl'] = context
+            else:
+                connect_args['ssl'] = sslmode
+        return url.set(drivername='postgresql+asyncpg', query=query), connect_args
+
+    def redis_settings(self) -> RedisSettings:
+        if self.redis_url is not None:
+            settings = RedisSettings.from_dsn(self.redis_url.get_secret_value())
+            settings.username = settings.username or None  # redis://:password@host parses as user ''
+        else:
+            settings = RedisSettings(
+                host=self.redis_host or 'localhost',
+                port=self.redis_port,
+                database=self.redis_db,
+                username=self.redis_username,
+                password=self.redis_password.get_secret_value() if self.redis_password else None,
+            )
+        settings.ssl = settings.ssl or self.redis_tls
+        if self.redis_tls_ca_certs is not None:
+            settings.ssl_ca_certs = str(self.redis_tls_ca_certs)
+        return settings
+
+
+def env_name(field: str) -> str:
+    """The environment variable a settings field is read from."""
+    alias = Settings.model_fields[field].validation_alias
+    assert isinstance(alias, AliasChoices)
+    return str(alias.choices[0])
+
+
+def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
+    """Settings from ``overrides`` (the command line), the environment, ``env_file`` and defaults.
+
+    Raises :class:`SettingsError` with one line per bad or missing setting, naming the variable.
+    """
+    if env_file is not None and not env_file.is_file():
+        raise SettingsError(f'--env-file {env_file}: no such file')
+    try:
+        return Settings(_env_file=env_file or '.env', **overrides)
+    except ValidationError as e:
+        raise SettingsError('; '.join(_describe(error, overrides) for error in e.errors())) from None
+
+
+def _describe(error: Any, overrides: dict[str, Any]) -> str:
+    message = str(error['msg']).removeprefix('Value error, ')
+    if not error['loc']:
+        return message
+    field = str(error['loc'][0])
+    if field not in Settings.model_fields:
+        field = next((f for f in Settings.model_fields if env_name(f) == field), field)
+    if field in overrides:
+        return f'--{field.replace("_", "-")}: {message}'
+    return f'{env_name(field) if field in Settings.model_fields else field}: {message}'

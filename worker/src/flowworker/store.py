@@ -1,0 +1,140 @@
+"""Task records, written behind the jobs.
+
+A job never waits for PostgreSQL: it hands its row to :meth:`TaskStore.record` and moves on. One
+flusher writes whatever has gathered while its previous write was in flight, as one upsert (a
+group commit), so the bookkeeping costs a statement per batch, not per job. A row replaces any
+older row of the same attempt still waiting, so a batch never holds one attempt twice.
+
+While PostgreSQL is unreachable the rows stay in memory, the flusher retries with back-off and
+:attr:`TaskStore.healthy` is false (the worker stops picking jobs). On start-up
+:meth:`TaskStore.reconcile` marks ``lost`` the attempts left ``running`` by processes that died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from redis.asyncio import Redis
+from sqlalchemy import bindparam, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .infrastructure import DATABASE_ERRORS, backoff, describe_error
+from .schema import attempts
+
+logger = logging.getLogger('flowworker.store')
+
+Row = dict[str, Any]
+MAX_BATCH = 1000
+
+_upsert = insert(attempts)
+# a late or repeated write never turns a finished attempt back into a running one;
+# a living worker may still finish an attempt that a reconcile took for lost
+UPSERT = _upsert.on_conflict_do_update(
+    index_elements=[attempts.c.job_id, attempts.c.attempt],
+    set_={c: _upsert.excluded[c] for c in ('status', 'worker_id', 'finished_at', 'error', 'result')},
+    # literal SQL: a bound (expanding) IN list cannot go into an executemany
+    where=text("flow_task_attempts.status IN ('running', 'lost')"),
+)
+
+
+class TaskStore:
+    def __init__(
+        self, engine: AsyncEngine, on_health_change: Callable[[bool], None] = lambda _: None
+    ) -> None:
+        self._engine = engine
+        self._on_health_change = on_health_change
+        self._pending: dict[tuple[str, int], Row] = {}
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.healthy = True
+
+    def record(self, row: Row) -> None:
+        """Queue ``row`` (a full attempt: every column of ``flow_task_attempts``) for the next write."""
+        self._pending[(row['job_id'], row['attempt'])] = row
+        self._idle.clear()
+        self._wake.set()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def run(self) -> None:
+        """The flusher: write batches until cancelled."""
+        delays = backoff()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._pending:
+                keys = list(self._pending)[:MAX_BATCH]
+                batch = {key: self._pending.pop(key) for key in keys}
+                try:
+                    async with self._engine.begin() as conn:
+                        await conn.execute(UPSERT, list(batch.values()))
+                except DATABASE_ERRORS as e:
+                    for key, row in batch.items():
+                        self._pending.setdefault(key, row)  # a newer row of the attempt wins
+                    delay = next(delays)
+                    logger.warning(
+                        'cannot write %d task records, retrying in %.1fs: %s',
+                        len(self._pending),
+                        delay,
+                        describe_error(e),
+                    )
+                    self._set_health(False)
+                    await asyncio.sleep(delay)
+                else:
+                    delays = backoff()
+                    self._set_health(True)
+            self._idle.set()
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every queued row is written; False if some are not."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            logger.error('%d task records could not be written before shutdown', len(self._pending))
+            return False
+        return True
+
+    def _set_health(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            if healthy:
+                logger.warning('PostgreSQL is reachable again; task records are being written')
+            self._on_health_change(healthy)
+
+    async def reconcile(
+        self, redis: Redis, worker_id: str, heartbeat_key: Callable[[str], str], now: datetime
+    ) -> list[str]:
+        """Mark ``lost`` the running attempts of this id's earlier life and of workers with no heartbeat.
+
+        Returns the jobs whose lost attempt is their latest, which may run again at once.
+        """
+        async with self._engine.begin() as conn:
+            running = text("SELECT DISTINCT worker_id FROM flow_task_attempts WHERE status = 'running'")
+            owners = (await conn.scalars(running)).all()
+            dead = [w for w in owners if w == worker_id or not await redis.exists(heartbeat_key(w))]
+            if not dead:
+                return []
+            result = await conn.execute(
+                text(
+                    "UPDATE flow_task_attempts AS a SET status = 'lost', finished_at = :now, "
+                    "error = 'the worker stopped without finishing this attempt (killed or crashed)' "
+                    "WHERE status = 'running' AND worker_id IN :dead AND started_at < :now "
+                    'RETURNING job_id, NOT EXISTS (SELECT 1 FROM flow_task_attempts AS n '
+                    'WHERE n.job_id = a.job_id AND n.attempt > a.attempt) AS latest'
+                ).bindparams(bindparam('dead', expanding=True)),
+                {'dead': dead, 'now': now},
+            )
+            rows = result.all()
+        if rows:
+            logger.warning(
+                'marked %d task attempts lost from workers that are gone: %s', len(rows), ', '.join(dead)
+            )
+        return [job_id for job_id, latest in rows if latest]

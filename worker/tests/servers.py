@@ -1,0 +1,191 @@
+"""Real redis-server and PostgreSQL processes on free ports, and worker processes, for the tests."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+WORKER_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'{what} did not happen within {timeout}s')
+        time.sleep(interval)
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(('127.0.0.1', port)) == 0
+
+
+class RedisServer:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f'redis://127.0.0.1:{self.port}/0'
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                'redis-server',
+                '--port',
+                str(self.port),
+                '--bind',
+                '127.0.0.1',
+                '--dir',
+                str(self.directory),
+                '--save',
+                '',
+                '--appendonly',
+                'no',
+                '--notify-keyspace-events',
+                'Kz',
+                '--loglevel',
+                'warning',
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        wait_until(lambda: _port_open(self.port), 10, 'redis-server start')
+
+    def stop(self, save: bool = True) -> None:
+        """Shut down (saving the dataset to disk, so a restart keeps the queue, as a packaged Redis does)."""
+        subprocess.run(
+            ['redis-cli', '-p', str(self.port), 'shutdown', 'save' if save else 'nosave'],
+            check=False,
+            capture_output=True,
+        )
+        assert self.process is not None
+        self.process.wait(10)
+
+
+class PostgresServer:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.data = directory / 'data'
+        self.port = free_port()
+        self.bin = _postgres_bin()
+        # initdb refuses to run as root: run the server as the postgres system user then
+        self.user = 'postgres' if os.geteuid() == 0 else None
+
+    def _run(self, *argv: str) -> subprocess.CompletedProcess[bytes]:
+        prefix = ['runuser', '-u', self.user, '--'] if self.user else []
+        return subprocess.run([*prefix, *argv], check=True, capture_output=True)
+
+    def init(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        password_file = self.directory / 'password'
+        password_file.write_text('postgres\n')
+        if self.user:
+            pw = pwd.getpwnam(self.user)
+            os.chown(self.directory, pw.pw_uid, pw.pw_gid)
+            os.chown(password_file, pw.pw_uid, pw.pw_gid)
+        self._run(
+            str(self.bin / 'initdb'),
+            '-D',
+            str(self.data),
+            '-U',
+            'postgres',
+            '--auth=scram-sha-256',
+            f'--pwfile={password_file}',
+            '-E',
+            'UTF8',
+        )
+
+    def start(self) -> None:
+        self._run(
+            str(self.bin / 'pg_ctl'),
+            '-D',
+            str(self.data),
+            '-w',
+            '-l',
+            str(self.directory / 'log'),
+            '-o',
+            f'-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off',
+            'start',
+        )
+
+    def stop(self) -> None:
+        self._run(str(self.bin / 'pg_ctl'), '-D', str(self.data), '-w', '-m', 'fast', 'stop')
+
+    def dsn(self, user: str = 'postgres', password: str = 'postgres', database: str = 'postgres') -> str:
+        return f'postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}'
+
+
+def _postgres_bin() -> Path:
+    versions = sorted(Path('/usr/lib/postgresql').glob('*/bin/initdb'), key=lambda p: int(p.parts[-3]))
+    if not versions:
+        raise RuntimeError(
+            'PostgreSQL server binaries not found under /usr/lib/postgresql: run `make bootstrap`'
+        )
+    return versions[-1].parent
+
+
+class WorkerProcess:
+    """``flowworker worker`` as a real subprocess; its log goes to a file the test can read."""
+
+    COMMAND = (sys.executable, '-m', 'flowworker', 'worker')
+
+    def __init__(
+        self,
+        worker_id: str,
+        env: Mapping[str, str],
+        args: list[str],
+        log: Path,
+        command: Sequence[str] = COMMAND,
+    ) -> None:
+        self.worker_id = worker_id
+        self.log = log
+        self._file = log.open('wb')
+        self.process = subprocess.Popen(
+            [*command, *args],
+            env={**os.environ, 'FLOWWORKER_WORKER_ID': worker_id, **env},
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            cwd=WORKER_ROOT,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def signal(self, sig: signal.Signals) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self._file.close()
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self) -> int:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+        try:
+            return self.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise

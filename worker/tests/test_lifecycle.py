@@ -1,0 +1,163 @@
+"""A worker process from start to stop: heartbeat, drain on SIGTERM, quiet on SIGUSR1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from datetime import datetime
+
+from .conftest import QUEUE, Stack
+
+
+async def heartbeat(stack: Stack, worker_id: str) -> dict[str, object] | None:
+    value = await stack.redis.get(f'arq:worker:{worker_id}')
+    return None if value is None else dict(json.loads(value))
+
+
+async def test_the_heartbeat_key_says_who_is_alive_and_vanishes_on_exit(stack: Stack) -> None:
+    worker = await stack.start_worker('--max-jobs', '7', '--queue-name', 'default')
+    job_id = await stack.enqueue('demo.echo')
+    await stack.wait_final([job_id])
+
+    async def counted() -> dict[str, object] | None:
+        beat = await heartbeat(stack, worker.worker_id)
+        return (
+            beat
+            if beat and beat['jobs'] == {'running': 0, 'completed': 1, 'failed': 0, 'retried': 0}
+            else None
+        )
+
+    beat = await stack.wait_for(counted, 10, 'the heartbeat to count the job')
+    assert beat['worker_id'] == 'test-worker-1'
+    assert beat['host'] == socket.gethostname()
+    assert beat['pid'] == worker.pid
+    assert beat['queue'] == 'default'
+    assert beat['max_jobs'] == 7
+    assert beat['state'] == 'running'
+    assert beat['database'] == 'ok'
+    assert datetime.fromisoformat(str(beat['started_at'])) <= datetime.fromisoformat(str(beat['beat_at']))
+    # three heartbeat intervals (1 s in the tests)
+    assert 0 < await stack.redis.ttl('arq:worker:test-worker-1') <= 3
+    assert await stack.redis.keys('arq:worker:*') == [b'arq:worker:test-worker-1']
+
+    assert worker.stop() == 0
+    assert await stack.redis.keys('arq:worker:*') == []
+
+
+async def test_sigterm_lets_a_running_job_finish_then_exits_0(stack: Stack) -> None:
+    worker = await stack.start_worker('--drain-timeout', '30')
+    job_id = await stack.enqueue('demo.sleep', {'seconds': 1.5})
+    await stack.wait_for(lambda: stack.attempts(job_id), 10, 'the job to start')
+
+    worker.signal(signal.SIGTERM)
+
+    assert worker.wait(30) == 0
+    [task] = await stack.wait_final([job_id])
+    assert task['status'] == 'succeeded'
+    assert 'SIGTERM: draining for up to 30s' in worker.output()
+    assert await stack.redis.exists('arq:worker:test-worker-1') == 0
+
+
+async def test_a_job_that_outlasts_the_drain_is_requeued_and_runs_again(stack: Stack) -> None:
+    worker = await stack.start_worker('--drain-timeout', '0.5')
+    job_id = await stack.enqueue('demo.sleep', {'seconds': 3})
+    await stack.wait_for(lambda: stack.attempts(job_id), 10, 'the job to start')
+
+    worker.signal(signal.SIGTERM)
+
+    assert worker.wait(30) == 0
+    [first] = await stack.attempts(job_id)
+    assert (first['status'], first['error']) == ('interrupted', 'the worker stopped; the job is queued again')
+    assert await stack.redis.zcard(QUEUE) == 1
+
+    await stack.start_worker()
+    await stack.wait_final([job_id])
+    assert [a['status'] for a in await stack.attempts(job_id)] == ['interrupted', 'succeeded']
+
+
+async def test_sigusr1_stops_picking_jobs_but_keeps_the_process(stack: Stack) -> None:
+    worker = await stack.start_worker()
+    running = await stack.enqueue('demo.sleep', {'seconds': 1})
+    await stack.wait_for(lambda: stack.attempts(running), 10, 'the job to start')
+
+    worker.signal(signal.SIGUSR1)
+
+    async def draining() -> bool:
+        beat = await heartbeat(stack, worker.worker_id)
+        return beat is not None and beat['state'] == 'draining'
+
+    await stack.wait_for(draining, 10, 'the heartbeat to say draining', alive=worker)
+    queued = await stack.enqueue('demo.echo')
+    # the running job still finishes; the one queued after the signal waits for another worker
+    await stack.wait_final([running])
+    assert worker.alive()
+    assert await stack.redis.zscore(QUEUE, queued) is not None
+    assert await stack.attempts(queued) == []
+
+    other = await stack.start_worker()
+    [task] = await stack.wait_final([queued])
+    assert task['worker_id'] == other.worker_id
+    assert worker.stop() == 0
+
+
+async def test_a_killed_workers_job_is_marked_lost_and_runs_again(stack: Stack) -> None:
+    worker = await stack.start_worker()
+    job_id = await stack.enqueue('demo.sleep', {'seconds': 1})
+    await stack.wait_for(lambda: stack.attempts(job_id), 10, 'the job to start')
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+
+    # the same worker id coming back (a systemd instance restarting) settles its old attempt
+    await stack.start_worker(FLOWWORKER_WORKER_ID=worker.worker_id)
+    [attempt] = await stack.wait_for(
+        lambda: stack.db.fetch("SELECT * FROM flow_task_attempts WHERE status = 'lost'"),
+        10,
+        'the attempt marked lost',
+    )
+    assert attempt['job_id'] == job_id
+    assert attempt['worker_id'] == worker.worker_id
+    assert 'killed or crashed' in attempt['error']
+    # at once, not when arq's in-progress key expires (an hour and more with the default timeout)
+    await stack.wait_final([job_id], timeout=20)
+    assert [a['status'] for a in await stack.attempts(job_id)] == ['lost', 'succeeded']
+
+
+async def test_the_guides_start_command_runs_from_a_checkout(stack: Stack) -> None:
+    # `cd worker && python scripts/start_worker.py --max-jobs 5 --log-level DEBUG`, as the guide says
+    worker = await stack.start_worker(
+        '--max-jobs', '5', '--log-level', 'DEBUG', command=[sys.executable, 'scripts/start_worker.py']
+    )
+    beat = await heartbeat(stack, worker.worker_id)
+    assert beat is not None
+    assert beat['max_jobs'] == 5
+    assert worker.stop() == 0
+    assert 'DEBUG   flowworker.heartbeat: heartbeat arq:worker:' in worker.output()
+
+
+async def test_json_logs_are_one_object_per_line(stack: Stack) -> None:
+    worker = await stack.start_worker(LOG_FORMAT='json')
+    await stack.wait_final([await stack.enqueue('demo.fail')])
+    assert worker.stop() == 0
+
+    lines = [json.loads(line) for line in worker.output().splitlines()]
+    failed = next(line for line in lines if line['message'] == 'task failed')
+    assert failed['level'] == 'WARNING'
+    assert failed['flow'] == 'demo.fail'
+    assert failed['error'] == 'DemoFailure: demo.fail always fails'
+    assert 'DemoFailure' in failed['exception']
+    assert {line['message'] for line in lines} >= {'task started', 'worker test-worker-1 stopped'}
+
+
+async def test_without_keyspace_events_the_worker_polls(stack: Stack) -> None:
+    await stack.redis.config_set('notify-keyspace-events', '')
+    try:
+        worker = await stack.start_worker()
+        await stack.wait_final([await stack.enqueue('demo.echo')])
+    finally:
+        await stack.redis.config_set('notify-keyspace-events', 'Kz')
+    assert worker.stop() == 0
+    assert "(notify-keyspace-events=''): polling the queue" in worker.output()
+    assert 'wakeup=polling' in worker.output()
