@@ -10,6 +10,7 @@ import sys
 from datetime import datetime
 
 from .conftest import QUEUE, Stack
+from .servers import WorkerProcess
 
 
 async def heartbeat(stack: Stack, worker_id: str) -> dict[str, object] | None:
@@ -47,10 +48,16 @@ async def test_the_heartbeat_key_says_who_is_alive_and_vanishes_on_exit(stack: S
     assert await stack.redis.keys('arq:worker:*') == []
 
 
-async def test_sigterm_lets_a_running_job_finish_then_exits_0(stack: Stack) -> None:
-    worker = await stack.start_worker('--drain-timeout', '30')
-    job_id = await stack.enqueue('demo.sleep', {'seconds': 1.5})
+async def running_sleep(stack: Stack, seconds: float, *worker_args: str) -> tuple[WorkerProcess, str]:
+    """A worker and the id of a demo.sleep job it has started."""
+    worker = await stack.start_worker(*worker_args)
+    job_id = await stack.enqueue('demo.sleep', {'seconds': seconds})
     await stack.wait_for(lambda: stack.attempts(job_id), 10, 'the job to start')
+    return worker, job_id
+
+
+async def test_sigterm_lets_a_running_job_finish_then_exits_0(stack: Stack) -> None:
+    worker, job_id = await running_sleep(stack, 1.5, '--drain-timeout', '30')
 
     worker.signal(signal.SIGTERM)
 
@@ -62,9 +69,7 @@ async def test_sigterm_lets_a_running_job_finish_then_exits_0(stack: Stack) -> N
 
 
 async def test_a_job_that_outlasts_the_drain_is_requeued_and_runs_again(stack: Stack) -> None:
-    worker = await stack.start_worker('--drain-timeout', '0.5')
-    job_id = await stack.enqueue('demo.sleep', {'seconds': 3})
-    await stack.wait_for(lambda: stack.attempts(job_id), 10, 'the job to start')
+    worker, job_id = await running_sleep(stack, 3, '--drain-timeout', '0.5')
 
     worker.signal(signal.SIGTERM)
 
@@ -79,9 +84,7 @@ async def test_a_job_that_outlasts_the_drain_is_requeued_and_runs_again(stack: S
 
 
 async def test_sigusr1_stops_picking_jobs_but_keeps_the_process(stack: Stack) -> None:
-    worker = await stack.start_worker()
-    running = await stack.enqueue('demo.sleep', {'seconds': 1})
-    await stack.wait_for(lambda: stack.attempts(running), 10, 'the job to start')
+    worker, running = await running_sleep(stack, 1)
 
     worker.signal(signal.SIGUSR1)
 
@@ -104,9 +107,7 @@ async def test_sigusr1_stops_picking_jobs_but_keeps_the_process(stack: Stack) ->
 
 
 async def test_a_killed_workers_job_is_marked_lost_and_runs_again(stack: Stack) -> None:
-    worker = await stack.start_worker()
-    job_id = await stack.enqueue('demo.sleep', {'seconds': 1})
-    await stack.wait_for(lambda: stack.attempts(job_id), 10, 'the job to start')
+    worker, job_id = await running_sleep(stack, 1)
     os.kill(worker.pid, signal.SIGKILL)
     worker.wait()
 
