@@ -12,7 +12,7 @@ APT_PACKAGES := redis-server postgresql
 
 export PATH := $(BIN):$(PATH)
 
-.PHONY: help bootstrap test lint test-worker clean
+.PHONY: help bootstrap test lint test-worker bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,12 +37,15 @@ $(STAMPS)/venv: requirements.txt worker/pyproject.toml | $(STAMPS)/apt
 bootstrap: $(STAMPS)/venv ## install Debian packages, the venv and the worker (idempotent)
 
 lint: bootstrap ## static checks: ruff, mypy --strict
-	cd worker && ruff check . && ruff format --check . && mypy src tests
+	cd worker && ruff check . && ruff format --check . && mypy src tests bench
 
 test-worker: bootstrap ## worker tests against a real redis-server and PostgreSQL
 	cd worker && pytest -q
 
 test: lint test-worker ## everything: static checks and all test layers
+
+bench: bootstrap ## benchmarks: throughput against bare arq, idle latency and CPU, memory
+	cd worker && python -m bench.bench
 
 clean: ## remove the venv and build output
 	rm -rf $(VENV) build worker/.pytest_cache worker/.mypy_cache worker/.ruff_cache

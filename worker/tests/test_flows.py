@@ -82,6 +82,7 @@ async def test_a_retried_timeout_can_succeed(stack: Stack) -> None:
     job_id = await stack.enqueue('test.slow_once')
 
     assert await result_of(stack, job_id) == 2
+    await stack.wait_final([job_id])
     assert [a['status'] for a in await stack.attempts(job_id)] == ['retrying', 'succeeded']
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from arq.connections import ArqRedis, create_pool
+from asyncpg import InterfaceError, PostgresError
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,7 +24,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from .settings import Settings, load_settings
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-DATABASE_ERRORS = (SQLAlchemyError, OSError, asyncio.TimeoutError)
+# SQLAlchemy's, and asyncpg's own where the task store talks to asyncpg directly
+DATABASE_ERRORS = (SQLAlchemyError, PostgresError, InterfaceError, OSError, asyncio.TimeoutError)
 DATABASE_CONNECT_TIMEOUT = 10
 DATABASE_COMMAND_TIMEOUT = 30
 

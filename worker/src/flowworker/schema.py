@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import Column, DateTime, Integer, MetaData, Table, Text, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -18,23 +17,6 @@ logger = logging.getLogger('flowworker.schema')
 
 STATUSES = ('running', 'succeeded', 'failed', 'retrying', 'interrupted', 'cancelled', 'lost')
 FINAL_STATUSES = ('succeeded', 'failed', 'cancelled')
-
-metadata = MetaData()
-attempts = Table(
-    'flow_task_attempts',
-    metadata,
-    Column('job_id', Text, primary_key=True),
-    Column('attempt', Integer, primary_key=True),
-    Column('flow', Text, nullable=False),
-    Column('queue', Text, nullable=False),
-    Column('status', Text, nullable=False),
-    Column('worker_id', Text, nullable=False),
-    Column('enqueued_at', DateTime(timezone=True)),
-    Column('started_at', DateTime(timezone=True), nullable=False),
-    Column('finished_at', DateTime(timezone=True)),
-    Column('error', Text),
-    Column('result', JSONB(none_as_null=True)),
-)
 
 # (version, statements); append only: a released migration is never edited
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (

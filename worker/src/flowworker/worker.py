@@ -141,6 +141,8 @@ class FlowWorker(Worker):
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         for job_id in job_ids:
+            if job_id.decode() in self.tasks:
+                continue  # ours and running: no need to ask Redis (3 round trips) whether it is taken
             before = self.job_counter
             try:
                 await super().start_jobs([job_id])
