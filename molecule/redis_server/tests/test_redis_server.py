@@ -40,7 +40,8 @@ def test_listens_on_loopback_only(host):
 def test_tls_port_serves_authenticated_clients(host):
     tls = ['--tls', '--cacert', f'{TLS}/ca.crt', '-p', '6380']
     assert cli(host, *tls, 'PING').stdout.strip() == 'PONG'
-    assert 'NOAUTH' in (lambda r: r.stdout + r.stderr)(cli(host, *tls, 'PING', password=None))
+    refused = cli(host, *tls, 'PING', password=None)
+    assert 'NOAUTH' in refused.stdout + refused.stderr
     assert config_get(host, 'tls-auth-clients') == 'no'
 
 
@@ -113,7 +114,9 @@ def test_limit_nofile_drop_in_is_in_force(host):
     assert host.check_output('systemctl show --property=LimitNOFILE --value redis-server') == '20000'
     pid = host.check_output('systemctl show --property=MainPID --value redis-server')
     limits = host.file(f'/proc/{pid}/limits').content_string
-    assert any(line.startswith('Max open files') and line.split()[3] == '20000' for line in limits.splitlines())
+    assert any(
+        line.startswith('Max open files') and line.split()[3] == '20000' for line in limits.splitlines()
+    )
 
 
 def test_checker_accepts_the_live_config(host):
@@ -123,7 +126,7 @@ def test_checker_accepts_the_live_config(host):
 def test_checker_rejects_a_bad_config_without_touching_the_live_instance(host):
     pid = host.check_output('systemctl show --property=MainPID --value redis-server')
     bad = host.run(
-        "f=$(mktemp); printf 'port 6379\\nmaxmemory-policy allkeys-lru-typo\\n' > \"$f\"; "
+        'f=$(mktemp); printf \'port 6379\\nmaxmemory-policy allkeys-lru-typo\\n\' > "$f"; '
         f'{CHECK} "$f"; rc=$?; rm -f "$f"; exit $rc'
     )
     assert bad.rc == 1

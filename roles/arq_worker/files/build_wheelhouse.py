@@ -1,0 +1,258 @@
+#!/usr/bin/env python3
+"""Build (or reuse) a wheelhouse for one target Python version and architecture.
+
+Run on the controller by the arq_worker role (delegated to localhost, run once per target
+platform).  Local packages (the worker and the team's flow packages) are built with
+``pip wheel --no-deps``; their dependencies are downloaded as binary wheels for the target
+platform with ``pip download --only-binary=:all:``, so hosts need no compiler and no index.
+
+The wheelhouse is rebuilt only when a source file of a local package changed (a hash of the
+sources is kept in ``manifest.json``) or when the target platform differs.  A tarball of the
+wheels is written beside them so the role copies one file to each host.
+
+Prints one JSON object: changed, id (hash of the wheels), packages (project names of the local
+packages), tarball, wheels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+SKIP_DIRS = {
+    '.git',
+    '__pycache__',
+    'build',
+    'dist',
+    '.mypy_cache',
+    '.pytest_cache',
+    '.ruff_cache',
+    '.venv',
+    'tests',
+}
+
+
+def source_hash(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for root in paths:
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.endswith('.egg-info'))
+            for name in sorted(filenames):
+                if name.endswith(('.pyc', '.pyo')):
+                    continue
+                path = Path(dirpath, name)
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def wheels_hash(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for wheel in sorted(directory.glob('*.whl')):
+        digest.update(wheel.name.encode())
+        digest.update(hashlib.sha256(wheel.read_bytes()).digest())
+    return digest.hexdigest()[:12]
+
+
+def project_name(wheel: Path) -> str:
+    return wheel.name.split('-')[0].replace('_', '-').lower()
+
+
+def target_environment(python_version: str, arch: str) -> dict[str, str]:
+    parts = ([*python_version.split('.'), '0', '0'])[:3]
+    return {
+        'implementation_name': 'cpython',
+        'implementation_version': '.'.join(parts),
+        'os_name': 'posix',
+        'platform_machine': arch,
+        'platform_python_implementation': 'CPython',
+        'platform_system': 'Linux',
+        'python_full_version': '.'.join(parts),
+        'python_version': '.'.join(parts[:2]),
+        'sys_platform': 'linux',
+        'extra': '',
+    }
+
+
+def missing_requirements(directory: Path, environment: dict[str, str]) -> list[str]:
+    """Requirements of the wheels in ``directory`` that apply on the target but have no wheel there.
+
+    pip evaluates environment markers against the interpreter it runs on, not against
+    --python-version: a dependency such as ``async-timeout; python_full_version < "3.11.3"`` is
+    skipped on a 3.11.7 controller for a 3.11.2 host. This closes that gap.
+    """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    have = {canonicalize_name(w.name.split('-')[0]) for w in directory.glob('*.whl')}
+    missing: list[str] = []
+    for wheel in sorted(directory.glob('*.whl')):
+        with zipfile.ZipFile(wheel) as archive:
+            name = next(n for n in archive.namelist() if n.endswith('.dist-info/METADATA'))
+            metadata = archive.read(name).decode('utf-8', 'replace')
+        for line in metadata.splitlines():
+            if not line.startswith('Requires-Dist:'):
+                continue
+            requirement = Requirement(line.partition(':')[2].strip())
+            if requirement.marker is not None and not requirement.marker.evaluate(environment):
+                continue
+            if canonicalize_name(requirement.name) not in have:
+                requirement.marker = None
+                missing.append(str(requirement))
+    return sorted(set(missing))
+
+
+def build(out: Path, sources: list[Path], python_version: str, arch: str, glibc: str) -> dict[str, object]:
+    nodot = ''.join(python_version.split('.')[:2])
+    major, minor = (int(part) for part in glibc.split('.')[:2])
+    # pip does not expand a manylinux tag to older ones: list them all, newest first.
+    platforms = [f'manylinux_{major}_{m}_{arch}' for m in range(minor, 4, -1)]
+    platforms += [f'manylinux2014_{arch}', f'manylinux2010_{arch}', f'manylinux1_{arch}']
+    tmp = Path(tempfile.mkdtemp(prefix='.wheelhouse-', dir=out.parent))
+    try:
+        local = tmp / 'local'
+        # Reproducible wheels: the same sources give the same bytes, hence the same wheelhouse id,
+        # so rebuilding unchanged sources never makes the hosts switch versions and restart.
+        env = {**os.environ, 'SOURCE_DATE_EPOCH': os.environ.get('SOURCE_DATE_EPOCH', '315532800')}
+        subprocess.run(
+            [
+                sys.executable,
+                '-m',
+                'pip',
+                'wheel',
+                '--quiet',
+                '--no-deps',
+                '-w',
+                str(local),
+                *map(str, sources),
+            ],
+            check=True,
+            stdout=sys.stderr,
+            env=env,
+        )
+        local_wheels = sorted(local.glob('*.whl'))
+        subprocess.run(
+            [
+                sys.executable,
+                '-m',
+                'pip',
+                'download',
+                '--quiet',
+                '--only-binary=:all:',
+                '--python-version',
+                python_version,
+                '--implementation',
+                'cp',
+                '--abi',
+                f'cp{nodot}',
+                *(arg for tag in platforms for arg in ('--platform', tag)),
+                '-d',
+                str(tmp),
+                *map(str, local_wheels),
+            ],
+            check=True,
+            stdout=sys.stderr,
+        )
+        for wheel in local_wheels:
+            shutil.move(str(wheel), tmp / wheel.name)
+        environment = target_environment(python_version, arch)
+        for _ in range(10):
+            missing = missing_requirements(tmp, environment)
+            if not missing:
+                break
+            subprocess.run(
+                [
+                    sys.executable,
+                    '-m',
+                    'pip',
+                    'download',
+                    '--quiet',
+                    '--only-binary=:all:',
+                    '--python-version',
+                    python_version,
+                    '--implementation',
+                    'cp',
+                    '--abi',
+                    f'cp{nodot}',
+                    *(arg for tag in platforms for arg in ('--platform', tag)),
+                    '-d',
+                    str(tmp),
+                    *missing,
+                ],
+                check=True,
+                stdout=sys.stderr,
+            )
+        local.rmdir()
+        return {'packages': sorted(project_name(w) for w in local_wheels), 'tmp': tmp}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--out', required=True, type=Path, help='wheelhouse directory for this platform')
+    parser.add_argument(
+        '--python-version',
+        required=True,
+        help='target python X.Y.Z (markers like python_full_version depend on Z)',
+    )
+    parser.add_argument('--arch', required=True, help='target machine, e.g. x86_64, aarch64')
+    parser.add_argument('--glibc', default='2.28', help='oldest glibc of the targets (manylinux tag)')
+    parser.add_argument('sources', nargs='+', type=Path, help='local package directories')
+    args = parser.parse_args()
+
+    sources = [s.resolve() for s in args.sources]
+    out: Path = args.out.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    key = {
+        'sources': {str(s): source_hash([s]) for s in sources},
+        'python_version': args.python_version,
+        'arch': args.arch,
+        'glibc': args.glibc,
+    }
+    manifest_path = out / 'manifest.json'
+    changed = False
+    manifest: dict[str, object] = {}
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+    previous_id = manifest.get('id')
+    if manifest.get('key') != key or not Path(str(manifest.get('tarball', ''))).is_file():
+        built = build(out, sources, args.python_version, args.arch, args.glibc)
+        tmp = Path(str(built['tmp']))
+        ident = wheels_hash(tmp)
+        tarball = out.parent / f'{out.name}-{ident}.tar'
+        with tarfile.open(tarball, 'w') as tar:
+            for wheel in sorted(tmp.glob('*.whl')):
+                tar.add(wheel, arcname=wheel.name)
+        manifest = {
+            'key': key,
+            'id': ident,
+            'packages': built['packages'],
+            'tarball': str(tarball),
+            'wheels': sorted(w.name for w in tmp.glob('*.whl')),
+        }
+        (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=2) + '\n')
+        if out.exists():
+            old = manifest_path.is_file() and json.loads(manifest_path.read_text()).get('tarball')
+            shutil.rmtree(out)
+            if old and old != str(tarball):
+                Path(old).unlink(missing_ok=True)
+        tmp.rename(out)
+        # reproducible wheels: unchanged sources rebuild to the same id, which is no change
+        changed = ident != previous_id
+    print(json.dumps({'changed': changed, **{k: v for k, v in manifest.items() if k != 'key'}}))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
