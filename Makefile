@@ -1,4 +1,4 @@
-# The verbs a user types. `make test` sets up everything on a fresh Debian 12 machine (as root).
+# The verbs a user types. Each sets up what it needs on a fresh Debian 12 machine (as root).
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 .DEFAULT_GOAL := help
@@ -7,12 +7,16 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMPS := build/stamps
-# redis-server and postgresql: real servers for the worker tests
-APT_PACKAGES := redis-server postgresql
+LAB := -i inventories/lab
+# redis-server, postgresql: real servers for the worker tests; podman, runc, debootstrap: the
+# systemd test image and the lab fleet; openssh-client: Ansible reaches the lab over SSH
+APT_PACKAGES := redis-server postgresql podman runc debootstrap openssh-client
+SCENARIOS := $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml))
 
 export PATH := $(BIN):$(PATH)
+export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 
-.PHONY: help bootstrap test lint test-worker bench clean
+.PHONY: help bootstrap image lab deploy demo lab-down test lint test-worker test-roles test-e2e bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,16 +40,42 @@ $(STAMPS)/venv: requirements.txt worker/pyproject.toml | $(STAMPS)/apt
 
 bootstrap: $(STAMPS)/venv ## install Debian packages, the venv and the worker (idempotent)
 
-lint: bootstrap ## static checks: ruff, mypy --strict
+image: bootstrap ## build the systemd test image (once; again when its recipe changes)
+	images/build-test-image.sh
+
+lab: image ## start the local lab fleet (containers, SSH keys, network)
+	ansible-playbook $(LAB) playbooks/lab.yml
+
+deploy: lab ## deploy the whole stack (deploy.yml) to the lab fleet
+	ansible-playbook $(LAB) deploy.yml
+
+demo: deploy ## lab + deploy + run demo flows and show which host ran them
+	ansible-playbook $(LAB) playbooks/demo.yml
+
+lab-down: bootstrap ## remove the lab fleet and everything it made
+	ansible-playbook $(LAB) playbooks/lab.yml -e lab_fleet_state=absent
+
+lint: bootstrap ## static checks: ruff, mypy --strict, role docs, example inventories, yamllint, ansible-lint, syntax
 	cd worker && ruff check . && ruff format --check . && mypy src tests bench
+	ruff check tests roles molecule && ruff format --check tests roles molecule
+	pytest -q tests/test_role_docs.py tests/test_inventories.py
+	yamllint .
+	ansible-lint
+	ansible-playbook $(LAB) --syntax-check deploy.yml playbooks/*.yml
 
 test-worker: bootstrap ## worker tests against a real redis-server and PostgreSQL
 	cd worker && pytest -q
 
-test: lint test-worker ## everything: static checks and all test layers
+test-roles: image ## molecule scenarios: every role on real systemd containers
+	for scenario in $(SCENARIOS); do molecule test -s $$scenario; done
+
+test-e2e: image ## end-to-end: ansible-playbook against the lab fleet, made from nothing
+	pytest -q tests/test_deploy.py
+
+test: lint test-worker test-roles test-e2e ## everything: static checks and all test layers
 
 bench: bootstrap ## benchmarks: throughput against bare arq, idle latency and CPU, memory
 	cd worker && python -m bench.bench
 
-clean: ## remove the venv and build output
+clean: lab-down ## remove the lab, the venv and build output
 	rm -rf $(VENV) build worker/.pytest_cache worker/.mypy_cache worker/.ruff_cache

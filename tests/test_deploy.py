@@ -1,0 +1,224 @@
+"""deploy.yml against the lab fleet: from nothing, again, with one host rescaled, with bad inventories.
+
+The tests run in file order on one lab: the first deploys from nothing, the rest build on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio
+import yaml
+from arq.connections import RedisSettings, create_pool
+from redis.exceptions import AuthenticationError, ResponseError
+
+from .conftest import Lab, Run
+
+REDIS_PORT, POSTGRESQL_PORT = 42379, 42432
+WORKERS = {'lab-worker-1': 3, 'lab-worker-2': 2}
+
+
+def stack_secret(lab: Lab, name: str) -> str:
+    return str(lab.vars('group_vars', 'all', 'stack.yml')[name])
+
+
+def redis_url(lab: Lab) -> str:
+    return f'redis://:{stack_secret(lab, "redis_server_password")}@127.0.0.1:{REDIS_PORT}/0'
+
+
+def worker_dsn(lab: Lab) -> str:
+    password = stack_secret(lab, 'postgresql_worker_password')
+    return f'postgresql://flow_worker:{password}@127.0.0.1:{POSTGRESQL_PORT}/flows'
+
+
+def heartbeats(lab: Lab) -> dict[str, dict[str, Any]]:
+    """The live worker processes: heartbeat key → its JSON."""
+
+    async def read() -> dict[str, dict[str, Any]]:
+        client = redis.asyncio.Redis.from_url(redis_url(lab), decode_responses=True)
+        try:
+            keys = [key async for key in client.scan_iter('arq:worker:*')]
+            return {key: json.loads(await client.get(key) or '{}') for key in keys}
+        finally:
+            await client.aclose()
+
+    return asyncio.run(read())
+
+
+def pids(lab: Lab, host: str) -> dict[str, int]:
+    return {key: beat['pid'] for key, beat in heartbeats(lab).items() if beat['host'] == host}
+
+
+def assert_deployed(run: Run) -> None:
+    assert run.returncode == 0, run.output[-5000:]
+    assert set(run.recap) == {'lab-db', *WORKERS}
+    assert not any(counts['failed'] or counts['unreachable'] for counts in run.recap.values())
+
+
+@pytest.fixture(scope='module')
+def deployed(lab: Lab) -> Lab:
+    assert_deployed(lab.deploy())
+    return lab
+
+
+def test_deploy_from_nothing_brings_every_service_up(deployed: Lab) -> None:
+    beats = heartbeats(deployed)
+    assert len(beats) == sum(WORKERS.values())
+    for host, instances in WORKERS.items():
+        assert sorted(k for k, b in beats.items() if b['host'] == host) == [
+            f'arq:worker:{host}:arq-worker@{n}' for n in range(1, instances + 1)
+        ]
+    assert {beat['state'] for beat in beats.values()} == {'running'}
+    assert {beat['database'] for beat in beats.values()} == {'ok'}
+
+
+def test_200_flows_from_a_plain_arq_producer_all_succeed_and_are_recorded(
+    deployed: Lab,
+) -> None:
+    async def produce() -> tuple[list[Any], list[asyncpg.Record]]:
+        producer = await create_pool(RedisSettings.from_dsn(redis_url(deployed)))
+        try:
+            jobs = [
+                await producer.enqueue_job('run_flow', 'demo.echo', {'n': n}, _queue_name='arq:queue:default')
+                for n in range(200)
+            ]
+            results = [await job.result(timeout=120, poll_delay=0.1) for job in jobs if job is not None]
+            ids = [job.job_id for job in jobs if job is not None]
+        finally:
+            await producer.aclose()
+        db = await asyncpg.connect(worker_dsn(deployed))
+        try:
+            async with asyncio.timeout(30):
+                while (
+                    rows := await db.fetch(
+                        "SELECT * FROM flow_tasks WHERE job_id = ANY($1) AND status = 'succeeded'",
+                        ids,
+                    )
+                ) and len(rows) < len(ids):
+                    await asyncio.sleep(0.2)
+        finally:
+            await db.close()
+        return results, rows
+
+    results, records = asyncio.run(produce())
+    assert results == [{'n': n} for n in range(200)]
+    assert len(records) == 200
+    assert {r['worker_id'].split(':')[0] for r in records} <= set(WORKERS)
+
+
+def test_the_worker_database_role_cannot_create_a_table(deployed: Lab) -> None:
+    async def create() -> None:
+        db = await asyncpg.connect(worker_dsn(deployed))
+        try:
+            await db.execute('CREATE TABLE intruder (id int)')
+        finally:
+            await db.close()
+
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        asyncio.run(create())
+
+
+def test_redis_rejects_a_client_without_the_password(deployed: Lab) -> None:
+    async def ping() -> None:
+        client = redis.asyncio.Redis(host='127.0.0.1', port=REDIS_PORT)
+        try:
+            await client.get('arq:queue:default')
+        finally:
+            await client.aclose()
+
+    with pytest.raises((AuthenticationError, ResponseError), match=r'NOAUTH|Authentication required'):
+        asyncio.run(ping())
+
+
+def test_a_second_deploy_changes_nothing(deployed: Lab) -> None:
+    run = deployed.deploy()
+    assert_deployed(run)
+    assert run.changed_hosts() == set(), run.output[-5000:]
+
+
+def set_vars(lab: Lab, relative: str, values: dict[str, Any]) -> None:
+    path = lab.inventory / relative
+    current = yaml.safe_load(path.read_text()) if path.exists() else {}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump({**(current or {}), **values}))
+
+
+def test_changing_one_hosts_count_changes_only_that_host(deployed: Lab, tmp_path: Path) -> None:
+    before = pids(deployed, 'lab-worker-1')
+    scaled = deployed.copy(tmp_path / 'inventory')
+    set_vars(scaled, 'host_vars/lab-worker-2.yml', {'arq_worker_instances': 3})
+
+    up = scaled.deploy()
+
+    assert_deployed(up)
+    assert up.changed_hosts() == {'lab-worker-2'}
+    assert pids(deployed, 'lab-worker-1') == before
+    assert len(pids(deployed, 'lab-worker-2')) == 3
+
+    down = deployed.deploy()  # the lab's own inventory: back to 2
+
+    assert_deployed(down)
+    assert down.changed_hosts() == {'lab-worker-2'}
+    assert len(pids(deployed, 'lab-worker-2')) == 2
+    assert pids(deployed, 'lab-worker-1') == before
+
+
+# (inventory file, variables, what the error says)
+BAD_INVENTORIES = [
+    (
+        'group_vars/redis_servers.yml',
+        {'redis_server_maxmemory_policy': 'allkeys-lru'},
+        'allkeys-lru',
+    ),
+    (
+        'group_vars/postgresql_servers.yml',
+        {'postgresql_max_connections': 20},
+        'Connection budget exceeded',
+    ),
+    (
+        'group_vars/all/stack.yml',
+        {'redis_server_password': ''},
+        'redis_server_password',
+    ),
+    (
+        'host_vars/lab-worker-1.yml',
+        {'arq_worker_process_manager': 'docker'},
+        'arq_worker_process_manager',
+    ),
+    (
+        'host_vars/lab-worker-2.yml',
+        {'arq_worker_instances': -1},
+        'arq_worker_instances',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ('relative', 'values', 'message'),
+    BAD_INVENTORIES,
+    ids=[
+        'eviction-policy',
+        'connection-budget',
+        'missing-password',
+        'process-manager',
+        'negative-count',
+    ],
+)
+def test_a_bad_inventory_fails_before_any_host_changes(
+    deployed: Lab, tmp_path: Path, relative: str, values: dict[str, Any], message: str
+) -> None:
+    before = heartbeats(deployed)
+    bad = deployed.copy(tmp_path / 'inventory')
+    set_vars(bad, relative, values)
+
+    run = bad.deploy()
+
+    assert run.returncode != 0
+    assert message in run.output
+    assert run.changed_hosts() == set(), run.output[-5000:]
+    assert heartbeats(deployed).keys() == before.keys()
