@@ -55,8 +55,11 @@ def test_tls_and_scram_are_on(host):
 
 
 def test_pg_hba_has_hostssl_scram_lines_for_the_workers_and_the_owner(host, address):
-    rows = value(host, "SELECT type, database[1], user_name[1], address, netmask, auth_method FROM pg_hba_file_rules "
-                       "WHERE database[1] = 'flows' ORDER BY line_number").splitlines()
+    rows = value(
+        host,
+        'SELECT type, database[1], user_name[1], address, netmask, auth_method FROM pg_hba_file_rules '
+        "WHERE database[1] = 'flows' ORDER BY line_number",
+    ).splitlines()
     assert rows == [
         f'hostssl|flows|flow_worker|{address}|255.255.255.255|scram-sha-256',
         'hostssl|flows|flow_worker|127.0.0.1|255.255.255.255|scram-sha-256',
@@ -70,21 +73,43 @@ def test_pg_hba_has_hostssl_scram_lines_for_the_workers_and_the_owner(host, addr
 
 
 def test_database_is_owned_by_the_owner_role(host):
-    assert value(host, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'flows'") == 'flow_owner'
+    assert (
+        value(host, "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'flows'") == 'flow_owner'
+    )
 
 
 def test_worker_role_has_no_attributes_and_owns_nothing(host):
-    assert value(host, "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolcanlogin FROM pg_roles "
-                       "WHERE rolname = 'flow_worker'") == 'f|f|f|f|t'
-    assert value(host, "SELECT count(*) FROM pg_database WHERE pg_get_userbyid(datdba) = 'flow_worker'") == '0'
-    assert value(host, "SELECT has_database_privilege('flow_worker', 'flows', 'CREATE'), "
-                       "has_database_privilege('flow_worker', 'flows', 'TEMP'), "
-                       "has_schema_privilege('flow_worker', 'public', 'CREATE')") == 'f|f|f'
+    assert (
+        value(
+            host,
+            'SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolcanlogin FROM pg_roles '
+            "WHERE rolname = 'flow_worker'",
+        )
+        == 'f|f|f|f|t'
+    )
+    assert (
+        value(host, "SELECT count(*) FROM pg_database WHERE pg_get_userbyid(datdba) = 'flow_worker'") == '0'
+    )
+    assert (
+        value(
+            host,
+            "SELECT has_database_privilege('flow_worker', 'flows', 'CREATE'), "
+            "has_database_privilege('flow_worker', 'flows', 'TEMP'), "
+            "has_schema_privilege('flow_worker', 'public', 'CREATE')",
+        )
+        == 'f|f|f'
+    )
 
 
 def test_passwords_are_stored_as_scram(host):
-    assert value(host, "SELECT count(*) FROM pg_authid WHERE rolname IN ('flow_owner', 'flow_worker') "
-                       "AND rolpassword LIKE 'SCRAM-SHA-256$%'") == '2'
+    assert (
+        value(
+            host,
+            "SELECT count(*) FROM pg_authid WHERE rolname IN ('flow_owner', 'flow_worker') "
+            "AND rolpassword LIKE 'SCRAM-SHA-256$%'",
+        )
+        == '2'
+    )
 
 
 def test_worker_connects_over_tls_with_its_password(host, address):
@@ -115,16 +140,30 @@ def test_worker_cannot_reach_another_database(host, address):
 
 def test_owner_creates_tables_and_the_grant_gives_the_worker_dml_only(host, address):
     # What `flowworker db upgrade --grant-to flow_worker` does, in miniature.
-    setup = psql(host, 'DROP TABLE IF EXISTS molecule_records; CREATE TABLE molecule_records (id int, status text); '
-                       'GRANT SELECT, INSERT, UPDATE ON molecule_records TO flow_worker', role=OWNER, address=address)
+    setup = psql(
+        host,
+        'DROP TABLE IF EXISTS molecule_records; CREATE TABLE molecule_records (id int, status text); '
+        'GRANT SELECT, INSERT, UPDATE ON molecule_records TO flow_worker',
+        role=OWNER,
+        address=address,
+    )
     assert setup.rc == 0, setup.stderr
     try:
-        dml = psql(host, "INSERT INTO molecule_records VALUES (1, 'running'); "
-                         "UPDATE molecule_records SET status = 'succeeded' WHERE id = 1; "
-                         'SELECT status FROM molecule_records', role=WORKER, address=address)
+        dml = psql(
+            host,
+            "INSERT INTO molecule_records VALUES (1, 'running'); "
+            "UPDATE molecule_records SET status = 'succeeded' WHERE id = 1; "
+            'SELECT status FROM molecule_records',
+            role=WORKER,
+            address=address,
+        )
         assert dml.rc == 0, dml.stderr
         assert dml.stdout.strip() == 'succeeded'
-        for sql in ('DELETE FROM molecule_records', 'DROP TABLE molecule_records', 'TRUNCATE molecule_records'):
+        for sql in (
+            'DELETE FROM molecule_records',
+            'DROP TABLE molecule_records',
+            'TRUNCATE molecule_records',
+        ):
             out = psql(host, sql, role=WORKER, address=address)
             assert out.rc != 0, sql
     finally:
@@ -134,6 +173,6 @@ def test_owner_creates_tables_and_the_grant_gives_the_worker_dml_only(host, addr
 def test_conf_d_files_are_managed(host):
     restart = host.file('/etc/postgresql/15/main/conf.d/60-flowworker.conf')
     assert restart.content_string.splitlines()[0].startswith('# Ansible managed')
-    assert restart.contains("^max_connections = 170$")
+    assert restart.contains('^max_connections = 170$')
     reload_ = host.file('/etc/postgresql/15/main/conf.d/61-flowworker-reload.conf')
-    assert reload_.contains("^ssl = on$")
+    assert reload_.contains('^ssl = on$')
