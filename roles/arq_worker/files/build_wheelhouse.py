@@ -140,35 +140,9 @@ def build(out: Path, sources: list[Path], python_version: str, arch: str, glibc:
             env=env,
         )
         local_wheels = sorted(local.glob('*.whl'))
-        subprocess.run(
-            [
-                sys.executable,
-                '-m',
-                'pip',
-                'download',
-                '--quiet',
-                '--only-binary=:all:',
-                '--python-version',
-                python_version,
-                '--implementation',
-                'cp',
-                '--abi',
-                f'cp{nodot}',
-                *(arg for tag in platforms for arg in ('--platform', tag)),
-                '-d',
-                str(tmp),
-                *map(str, local_wheels),
-            ],
-            check=True,
-            stdout=sys.stderr,
-        )
-        for wheel in local_wheels:
-            shutil.move(str(wheel), tmp / wheel.name)
-        environment = target_environment(python_version, arch)
-        for _ in range(10):
-            missing = missing_requirements(tmp, environment)
-            if not missing:
-                break
+
+        def download(*requirements: str) -> None:
+            """Binary wheels for the target platform into the wheelhouse."""
             subprocess.run(
                 [
                     sys.executable,
@@ -186,11 +160,21 @@ def build(out: Path, sources: list[Path], python_version: str, arch: str, glibc:
                     *(arg for tag in platforms for arg in ('--platform', tag)),
                     '-d',
                     str(tmp),
-                    *missing,
+                    *requirements,
                 ],
                 check=True,
                 stdout=sys.stderr,
             )
+
+        download(*map(str, local_wheels))
+        for wheel in local_wheels:
+            shutil.move(str(wheel), tmp / wheel.name)
+        environment = target_environment(python_version, arch)
+        for _ in range(10):
+            missing = missing_requirements(tmp, environment)
+            if not missing:
+                break
+            download(*missing)
         local.rmdir()
         return {'packages': sorted(project_name(w) for w in local_wheels), 'tmp': tmp}
     except BaseException:
