@@ -8,9 +8,10 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMPS := build/stamps
 LAB := -i inventories/lab
-# redis-server, postgresql: real servers for the worker tests; podman, runc, debootstrap: the
-# systemd test image and the lab fleet; openssh-client: Ansible reaches the lab over SSH
-APT_PACKAGES := redis-server postgresql podman runc debootstrap openssh-client
+# redis-server, postgresql: real servers for the worker tests; podman with runc, netavark,
+# aardvark-dns (containers find each other by name) and iptables (published ports), and
+# debootstrap: the systemd test image and the lab fleet; openssh-client: Ansible reaches the lab
+APT_PACKAGES := redis-server postgresql podman runc netavark aardvark-dns iptables debootstrap openssh-client
 SCENARIOS := $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml))
 
 export PATH := $(BIN):$(PATH)
@@ -28,7 +29,7 @@ $(STAMPS)/apt: Makefile | $(STAMPS)
 	@if ! dpkg -s $(APT_PACKAGES) >/dev/null 2>&1; then \
 	  echo "Installing Debian packages: $(APT_PACKAGES)"; \
 	  apt-get update -qq; \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(APT_PACKAGES) >/dev/null; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
 	fi
 	touch $@
 
