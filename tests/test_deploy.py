@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +167,44 @@ def test_changing_one_hosts_count_changes_only_that_host(deployed: Lab, tmp_path
     assert down.changed_hosts() == {'lab-worker-2'}
     assert len(pids(deployed, 'lab-worker-2')) == 2
     assert pids(deployed, 'lab-worker-1') == before
+
+
+def current_version(host: str) -> str:
+    return subprocess.run(
+        ['podman', 'exec', host, 'readlink', '/opt/arq-worker/current'],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+
+
+def test_a_release_whose_flows_do_not_import_never_goes_live(deployed: Lab, tmp_path: Path) -> None:
+    package = tmp_path / 'broken-flows'
+    (package / 'broken_flows').mkdir(parents=True)
+    (package / 'pyproject.toml').write_text(
+        '[project]\nname = "broken-flows"\nversion = "1.0"\n[build-system]\nrequires = ["setuptools"]\n'
+        'build-backend = "setuptools.build_meta"\n'
+    )
+    (package / 'broken_flows' / '__init__.py').write_text("raise RuntimeError('this release is broken')\n")
+    before = {host: (pids(deployed, host), current_version(host)) for host in WORKERS}
+    broken = deployed.copy(tmp_path / 'inventory')
+    set_vars(
+        broken,
+        'group_vars/arq_workers.yml',
+        {
+            'arq_worker_flow_packages': [str(package)],
+            'arq_worker_flow_modules': ['broken_flows'],
+        },
+    )
+
+    run = broken.deploy()
+
+    assert run.returncode != 0
+    assert 'this release is broken' in run.output
+    assert {host: (pids(deployed, host), current_version(host)) for host in WORKERS} == before
+    restored = deployed.deploy()
+    assert_deployed(restored)
+    assert {host: (pids(deployed, host), current_version(host)) for host in WORKERS} == before
 
 
 # (inventory file, variables, what the error says)
