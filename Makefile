@@ -71,7 +71,7 @@ test-roles: image ## molecule scenarios: every role on real systemd containers
 	for scenario in $(SCENARIOS); do molecule test -s $$scenario; done
 
 test-e2e: image ## end-to-end: ansible-playbook against the lab fleet, made from nothing
-	pytest -q tests/test_deploy.py
+	pytest -q tests
 
 test: lint test-worker test-roles test-e2e ## everything: static checks and all test layers
 

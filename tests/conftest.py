@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import redis.asyncio
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / 'inventories' / 'lab'
+# the ports lab-db publishes on the controller's loopback (inventories/lab/host_vars/lab-db.yml)
+REDIS_PORT, POSTGRESQL_PORT = 42379, 42432
+WORKERS = {'lab-worker-1': 3, 'lab-worker-2': 2}
 RECAP = re.compile(
     r'^(?P<host>\S+)\s+: ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)'
     r'\s+failed=(?P<failed>\d+)',
@@ -65,6 +72,45 @@ class Lab:
         shutil.copytree(self.inventory, destination)
         return Lab(destination)
 
+    def set_vars(self, relative: str, values: dict[str, Any]) -> None:
+        """Merge `values` into an inventory file (made if missing)."""
+        path = self.inventory / relative
+        current = yaml.safe_load(path.read_text()) if path.exists() else {}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({**(current or {}), **values}))
+
+    def secret(self, name: str) -> str:
+        return str(self.vars('group_vars', 'all', 'stack.yml')[name])
+
+    def redis_url(self) -> str:
+        return f'redis://:{self.secret("redis_server_password")}@127.0.0.1:{REDIS_PORT}/0'
+
+    def worker_dsn(self) -> str:
+        password = self.secret('postgresql_worker_password')
+        return f'postgresql://flow_worker:{password}@127.0.0.1:{POSTGRESQL_PORT}/flows'
+
+    def heartbeats(self) -> dict[str, dict[str, Any]]:
+        """The live worker processes: heartbeat key → its JSON."""
+
+        async def read() -> dict[str, dict[str, Any]]:
+            client = redis.asyncio.Redis.from_url(self.redis_url(), decode_responses=True)
+            try:
+                keys = [key async for key in client.scan_iter('arq:worker:*')]
+                return {key: json.loads(await client.get(key) or '{}') for key in keys}
+            finally:
+                await client.aclose()
+
+        return asyncio.run(read())
+
+    def pids(self, host: str) -> dict[str, int]:
+        return {key: beat['pid'] for key, beat in self.heartbeats().items() if beat['host'] == host}
+
+
+def assert_deployed(run: Run) -> None:
+    assert run.returncode == 0, run.output[-5000:]
+    assert set(run.recap) == {'lab-db', *WORKERS}
+    assert not any(counts['failed'] or counts['unreachable'] for counts in run.recap.values())
+
 
 @pytest.fixture(scope='session')
 def lab() -> Iterator[Lab]:
@@ -75,3 +121,10 @@ def lab() -> Iterator[Lab]:
     assert up.returncode == 0, up.output
     yield Lab(LAB)
     ansible_playbook(LAB, 'playbooks/lab.yml', '-e', 'lab_fleet_state=absent')
+
+
+@pytest.fixture(scope='module')
+def deployed(lab: Lab) -> Lab:
+    """The lab with deploy.yml applied (a no-op when an earlier module deployed it)."""
+    assert_deployed(lab.deploy())
+    return lab

@@ -6,7 +6,6 @@ The tests run in file order on one lab: the first deploys from nothing, the rest
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,61 +13,14 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio
-import yaml
 from arq.connections import RedisSettings, create_pool
 from redis.exceptions import AuthenticationError, ResponseError
 
-from .conftest import Lab, Run
-
-REDIS_PORT, POSTGRESQL_PORT = 42379, 42432
-WORKERS = {'lab-worker-1': 3, 'lab-worker-2': 2}
-
-
-def stack_secret(lab: Lab, name: str) -> str:
-    return str(lab.vars('group_vars', 'all', 'stack.yml')[name])
-
-
-def redis_url(lab: Lab) -> str:
-    return f'redis://:{stack_secret(lab, "redis_server_password")}@127.0.0.1:{REDIS_PORT}/0'
-
-
-def worker_dsn(lab: Lab) -> str:
-    password = stack_secret(lab, 'postgresql_worker_password')
-    return f'postgresql://flow_worker:{password}@127.0.0.1:{POSTGRESQL_PORT}/flows'
-
-
-def heartbeats(lab: Lab) -> dict[str, dict[str, Any]]:
-    """The live worker processes: heartbeat key → its JSON."""
-
-    async def read() -> dict[str, dict[str, Any]]:
-        client = redis.asyncio.Redis.from_url(redis_url(lab), decode_responses=True)
-        try:
-            keys = [key async for key in client.scan_iter('arq:worker:*')]
-            return {key: json.loads(await client.get(key) or '{}') for key in keys}
-        finally:
-            await client.aclose()
-
-    return asyncio.run(read())
-
-
-def pids(lab: Lab, host: str) -> dict[str, int]:
-    return {key: beat['pid'] for key, beat in heartbeats(lab).items() if beat['host'] == host}
-
-
-def assert_deployed(run: Run) -> None:
-    assert run.returncode == 0, run.output[-5000:]
-    assert set(run.recap) == {'lab-db', *WORKERS}
-    assert not any(counts['failed'] or counts['unreachable'] for counts in run.recap.values())
-
-
-@pytest.fixture(scope='module')
-def deployed(lab: Lab) -> Lab:
-    assert_deployed(lab.deploy())
-    return lab
+from .conftest import REDIS_PORT, WORKERS, Lab, assert_deployed
 
 
 def test_deploy_from_nothing_brings_every_service_up(deployed: Lab) -> None:
-    beats = heartbeats(deployed)
+    beats = deployed.heartbeats()
     assert len(beats) == sum(WORKERS.values())
     for host, instances in WORKERS.items():
         assert sorted(k for k, b in beats.items() if b['host'] == host) == [
@@ -82,7 +34,7 @@ def test_200_flows_from_a_plain_arq_producer_all_succeed_and_are_recorded(
     deployed: Lab,
 ) -> None:
     async def produce() -> tuple[list[Any], list[asyncpg.Record]]:
-        producer = await create_pool(RedisSettings.from_dsn(redis_url(deployed)))
+        producer = await create_pool(RedisSettings.from_dsn(deployed.redis_url()))
         try:
             jobs = [
                 await producer.enqueue_job('run_flow', 'demo.echo', {'n': n}, _queue_name='arq:queue:default')
@@ -92,7 +44,7 @@ def test_200_flows_from_a_plain_arq_producer_all_succeed_and_are_recorded(
             ids = [job.job_id for job in jobs if job is not None]
         finally:
             await producer.aclose()
-        db = await asyncpg.connect(worker_dsn(deployed))
+        db = await asyncpg.connect(deployed.worker_dsn())
         try:
             async with asyncio.timeout(30):
                 while (
@@ -114,7 +66,7 @@ def test_200_flows_from_a_plain_arq_producer_all_succeed_and_are_recorded(
 
 def test_the_worker_database_role_cannot_create_a_table(deployed: Lab) -> None:
     async def create() -> None:
-        db = await asyncpg.connect(worker_dsn(deployed))
+        db = await asyncpg.connect(deployed.worker_dsn())
         try:
             await db.execute('CREATE TABLE intruder (id int)')
         finally:
@@ -142,31 +94,24 @@ def test_a_second_deploy_changes_nothing(deployed: Lab) -> None:
     assert run.changed_hosts() == set(), run.output[-5000:]
 
 
-def set_vars(lab: Lab, relative: str, values: dict[str, Any]) -> None:
-    path = lab.inventory / relative
-    current = yaml.safe_load(path.read_text()) if path.exists() else {}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({**(current or {}), **values}))
-
-
 def test_changing_one_hosts_count_changes_only_that_host(deployed: Lab, tmp_path: Path) -> None:
-    before = pids(deployed, 'lab-worker-1')
+    before = deployed.pids('lab-worker-1')
     scaled = deployed.copy(tmp_path / 'inventory')
-    set_vars(scaled, 'host_vars/lab-worker-2.yml', {'arq_worker_instances': 3})
+    scaled.set_vars('host_vars/lab-worker-2.yml', {'arq_worker_instances': 3})
 
     up = scaled.deploy()
 
     assert_deployed(up)
     assert up.changed_hosts() == {'lab-worker-2'}
-    assert pids(deployed, 'lab-worker-1') == before
-    assert len(pids(deployed, 'lab-worker-2')) == 3
+    assert deployed.pids('lab-worker-1') == before
+    assert len(deployed.pids('lab-worker-2')) == 3
 
     down = deployed.deploy()  # the lab's own inventory: back to 2
 
     assert_deployed(down)
     assert down.changed_hosts() == {'lab-worker-2'}
-    assert len(pids(deployed, 'lab-worker-2')) == 2
-    assert pids(deployed, 'lab-worker-1') == before
+    assert len(deployed.pids('lab-worker-2')) == 2
+    assert deployed.pids('lab-worker-1') == before
 
 
 def current_version(host: str) -> str:
@@ -186,10 +131,9 @@ def test_a_release_whose_flows_do_not_import_never_goes_live(deployed: Lab, tmp_
         'build-backend = "setuptools.build_meta"\n'
     )
     (package / 'broken_flows' / '__init__.py').write_text("raise RuntimeError('this release is broken')\n")
-    before = {host: (pids(deployed, host), current_version(host)) for host in WORKERS}
+    before = {host: (deployed.pids(host), current_version(host)) for host in WORKERS}
     broken = deployed.copy(tmp_path / 'inventory')
-    set_vars(
-        broken,
+    broken.set_vars(
         'group_vars/arq_workers.yml',
         {
             'arq_worker_flow_packages': [str(package)],
@@ -201,10 +145,10 @@ def test_a_release_whose_flows_do_not_import_never_goes_live(deployed: Lab, tmp_
 
     assert run.returncode != 0
     assert 'this release is broken' in run.output
-    assert {host: (pids(deployed, host), current_version(host)) for host in WORKERS} == before
+    assert {host: (deployed.pids(host), current_version(host)) for host in WORKERS} == before
     restored = deployed.deploy()
     assert_deployed(restored)
-    assert {host: (pids(deployed, host), current_version(host)) for host in WORKERS} == before
+    assert {host: (deployed.pids(host), current_version(host)) for host in WORKERS} == before
 
 
 # (inventory file, variables, what the error says)
@@ -251,13 +195,13 @@ BAD_INVENTORIES = [
 def test_a_bad_inventory_fails_before_any_host_changes(
     deployed: Lab, tmp_path: Path, relative: str, values: dict[str, Any], message: str
 ) -> None:
-    before = heartbeats(deployed)
+    before = deployed.heartbeats()
     bad = deployed.copy(tmp_path / 'inventory')
-    set_vars(bad, relative, values)
+    bad.set_vars(relative, values)
 
     run = bad.deploy()
 
     assert run.returncode != 0
     assert message in run.output
     assert run.changed_hosts() == set(), run.output[-5000:]
-    assert heartbeats(deployed).keys() == before.keys()
+    assert deployed.heartbeats().keys() == before.keys()
