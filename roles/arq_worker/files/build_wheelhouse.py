@@ -10,8 +10,11 @@ The wheelhouse is rebuilt only when a source file of a local package changed (a 
 sources is kept in ``manifest.json``) or when the target platform differs.  A tarball of the
 wheels is written beside them so the role copies one file to each host.
 
+``--extra NAME`` adds an optional extra (e.g. ``monitor``) of the local packages that provide
+it, with its dependencies; a name no local package provides is an error.
+
 Prints one JSON object: changed, id (hash of the wheels), packages (project names of the local
-packages), tarball, wheels.
+packages, with the extras they were built with: ``flowworker[monitor]``), tarball, wheels.
 """
 
 from __future__ import annotations
@@ -83,12 +86,25 @@ def target_environment(python_version: str, arch: str) -> dict[str, str]:
     }
 
 
-def missing_requirements(directory: Path, environment: dict[str, str]) -> list[str]:
+def metadata_values(wheel: Path, field: str) -> list[str]:
+    """The values of one field (``Requires-Dist``, ``Provides-Extra``) of a wheel's METADATA."""
+    with zipfile.ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith('.dist-info/METADATA'))
+        metadata = archive.read(name).decode('utf-8', 'replace')
+    return [
+        line.partition(':')[2].strip() for line in metadata.splitlines() if line.startswith(f'{field}:')
+    ]
+
+
+def missing_requirements(
+    directory: Path, environment: dict[str, str], extras: dict[str, list[str]]
+) -> list[str]:
     """Requirements of the wheels in ``directory`` that apply on the target but have no wheel there.
 
     pip evaluates environment markers against the interpreter it runs on, not against
     --python-version: a dependency such as ``async-timeout; python_full_version < "3.11.3"`` is
-    skipped on a 3.11.7 controller for a 3.11.2 host. This closes that gap.
+    skipped on a 3.11.7 controller for a 3.11.2 host. This closes that gap. ``extras`` maps a
+    wheel's file name to the extras it is installed with.
     """
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
@@ -96,14 +112,12 @@ def missing_requirements(directory: Path, environment: dict[str, str]) -> list[s
     have = {canonicalize_name(w.name.split('-')[0]) for w in directory.glob('*.whl')}
     missing: list[str] = []
     for wheel in sorted(directory.glob('*.whl')):
-        with zipfile.ZipFile(wheel) as archive:
-            name = next(n for n in archive.namelist() if n.endswith('.dist-info/METADATA'))
-            metadata = archive.read(name).decode('utf-8', 'replace')
-        for line in metadata.splitlines():
-            if not line.startswith('Requires-Dist:'):
-                continue
-            requirement = Requirement(line.partition(':')[2].strip())
-            if requirement.marker is not None and not requirement.marker.evaluate(environment):
+        for value in metadata_values(wheel, 'Requires-Dist'):
+            requirement = Requirement(value)
+            if requirement.marker is not None and not any(
+                requirement.marker.evaluate({**environment, 'extra': extra})
+                for extra in ['', *extras.get(wheel.name, [])]
+            ):
                 continue
             if canonicalize_name(requirement.name) not in have:
                 requirement.marker = None
@@ -111,7 +125,9 @@ def missing_requirements(directory: Path, environment: dict[str, str]) -> list[s
     return sorted(set(missing))
 
 
-def build(out: Path, sources: list[Path], python_version: str, arch: str, glibc: str) -> dict[str, object]:
+def build(
+    out: Path, sources: list[Path], extras: list[str], python_version: str, arch: str, glibc: str
+) -> dict[str, object]:
     nodot = ''.join(python_version.split('.')[:2])
     major, minor = (int(part) for part in glibc.split('.')[:2])
     # pip does not expand a manylinux tag to older ones: list them all, newest first.
@@ -140,6 +156,16 @@ def build(out: Path, sources: list[Path], python_version: str, arch: str, glibc:
             env=env,
         )
         local_wheels = sorted(local.glob('*.whl'))
+        # the extras each local package provides, of those asked for
+        chosen = {
+            w.name: [e for e in extras if e in metadata_values(w, 'Provides-Extra')] for w in local_wheels
+        }
+        unknown = set(extras).difference(*chosen.values())
+        if unknown:
+            raise SystemExit(f'--extra {", ".join(sorted(unknown))}: no local package provides it')
+        requested = {
+            w.name: f'{w}[{",".join(chosen[w.name])}]' if chosen[w.name] else str(w) for w in local_wheels
+        }
 
         def download(*requirements: str) -> None:
             """Binary wheels for the target platform into the wheelhouse."""
@@ -166,17 +192,20 @@ def build(out: Path, sources: list[Path], python_version: str, arch: str, glibc:
                 stdout=sys.stderr,
             )
 
-        download(*map(str, local_wheels))
+        download(*requested.values())
         for wheel in local_wheels:
             shutil.move(str(wheel), tmp / wheel.name)
         environment = target_environment(python_version, arch)
         for _ in range(10):
-            missing = missing_requirements(tmp, environment)
+            missing = missing_requirements(tmp, environment, chosen)
             if not missing:
                 break
             download(*missing)
         local.rmdir()
-        return {'packages': sorted(project_name(w) for w in local_wheels), 'tmp': tmp}
+        packages = sorted(
+            project_name(w) + (f'[{",".join(chosen[w.name])}]' if chosen[w.name] else '') for w in local_wheels
+        )
+        return {'packages': packages, 'tmp': tmp}
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -192,6 +221,12 @@ def main() -> int:
     )
     parser.add_argument('--arch', required=True, help='target machine, e.g. x86_64, aarch64')
     parser.add_argument('--glibc', default='2.28', help='oldest glibc of the targets (manylinux tag)')
+    parser.add_argument(
+        '--extra',
+        action='append',
+        default=[],
+        help='optional extra of the local packages to include with its dependencies (repeatable)',
+    )
     parser.add_argument('sources', nargs='+', type=Path, help='local package directories')
     args = parser.parse_args()
 
@@ -203,6 +238,7 @@ def main() -> int:
         'python_version': args.python_version,
         'arch': args.arch,
         'glibc': args.glibc,
+        'extras': sorted(args.extra),
     }
     manifest_path = out / 'manifest.json'
     changed = False
@@ -211,7 +247,7 @@ def main() -> int:
         manifest = json.loads(manifest_path.read_text())
     previous_id = manifest.get('id')
     if manifest.get('key') != key or not Path(str(manifest.get('tarball', ''))).is_file():
-        built = build(out, sources, args.python_version, args.arch, args.glibc)
+        built = build(out, sources, sorted(args.extra), args.python_version, args.arch, args.glibc)
         tmp = Path(str(built['tmp']))
         ident = wheels_hash(tmp)
         tarball = out.parent / f'{out.name}-{ident}.tar'
