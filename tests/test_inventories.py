@@ -55,32 +55,36 @@ def password_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ('inventory', 'worker', 'database_url', 'redis_url'),
+    ('inventory', 'hosts', 'database_url', 'redis_url'),
     [
         (
             'production',
-            'worker-1.prod.example.internal',
+            ('worker-1.prod.example.internal', 'ops-1.prod.example.internal'),
             r'postgresql://flow_worker:production-worker-\w+@pg-1.prod.example.internal:5432/flows\?sslmode=verify-full',
             r'rediss://:production-redis-\w+@redis-1.prod.example.internal:6380/0',
         ),
         (
             'staging',
-            'worker-2.staging.example.internal',
+            ('worker-2.staging.example.internal', 'data-1.staging.example.internal'),
             r'postgresql://flow_worker:staging-worker-\w+@data-1.staging.example.internal:5432/flows',
             r'redis://:staging-redis-\w+@data-1.staging.example.internal:6379/0',
         ),
     ],
 )
-def test_the_workers_dsns_come_from_the_inventory_and_its_vault(
-    inventory: str, worker: str, database_url: str, redis_url: str, password_file: Path
+def test_the_dsns_and_the_monitor_token_come_from_the_inventory_and_its_vault(
+    inventory: str, hosts: tuple[str, str], database_url: str, redis_url: str, password_file: Path
 ) -> None:
-    assert re.fullmatch(
-        database_url,
-        host_var(inventory, worker, 'arq_worker_database_url', password_file),
-    )
-    assert re.fullmatch(redis_url, host_var(inventory, worker, 'arq_worker_redis_url', password_file))
+    worker, monitor = hosts
+    # the monitor reads with the workers' DSNs; its token is in its group's own vault file
+    for host, prefix in ((worker, 'arq_worker'), (monitor, 'arq_monitor')):
+        assert re.fullmatch(database_url, host_var(inventory, host, f'{prefix}_database_url', password_file))
+        assert re.fullmatch(redis_url, host_var(inventory, host, f'{prefix}_redis_url', password_file))
+    token = host_var(inventory, monitor, 'arq_monitor_token', password_file)
+    assert re.fullmatch(rf'{inventory}-monitor-[0-9a-f]{{24}}', token)
 
 
 def test_the_vault_files_are_encrypted() -> None:
-    for vault in ROOT.glob('inventories/*/group_vars/all/vault.yml'):
+    vaults = list(ROOT.glob('inventories/*/group_vars/*/vault.yml'))
+    assert len(vaults) == 4  # all/ and arq_monitors/ of production and staging
+    for vault in vaults:
         assert vault.read_text().startswith('$ANSIBLE_VAULT;1.1;AES256')

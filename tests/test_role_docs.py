@@ -62,7 +62,7 @@ def test_the_readme_tags_are_the_tags_the_tasks_use(role: str) -> None:
 @pytest.mark.parametrize('role', ROLES)
 def test_secrets_are_no_log(role: str) -> None:
     for name, option in options(role).items():
-        if re.search(r'password|_url$', name):
+        if re.search(r'password|token|_url$', name):
             assert option.get('no_log') is True, name
 
 
