@@ -36,7 +36,7 @@ $(STAMPS)/apt: Makefile | $(STAMPS)
 $(STAMPS)/venv: requirements.txt worker/pyproject.toml | $(STAMPS)/apt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt -e ./worker
+	$(BIN)/pip install -q -r requirements.txt -e "./worker[monitor]"
 	touch $@
 
 bootstrap: $(STAMPS)/venv ## install Debian packages, the venv and the worker (idempotent)

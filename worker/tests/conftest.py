@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from flowworker.schema import FINAL_STATUSES
 
+from .monitoring import TOKEN, MonitorProcess
 from .servers import PostgresServer, RedisServer, WorkerProcess
 
 TESTS = Path(__file__).resolve().parent
@@ -49,10 +50,11 @@ def postgres_server() -> Iterator[PostgresServer]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def flowworker(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def flowworker(*args: str, env: dict[str, str], inherit: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the ``flowworker`` command with ``env`` added to this environment (or to a bare PATH)."""
     return subprocess.run(
         [sys.executable, '-m', 'flowworker', *args],
-        env={**os.environ, **env},
+        env={**(os.environ if inherit else {'PATH': '/usr/bin:/bin'}), **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -190,3 +192,13 @@ async def stack(redis_server: RedisServer, database: dict[str, str], tmp_path: P
                 worker.process.kill()
                 worker.wait()
         await stack.close()
+
+
+@pytest.fixture(scope='session')
+def monitor(
+    redis_server: RedisServer, database: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MonitorProcess]:
+    """One ``flowworker monitor`` for the session, on the tests' Redis and database, with a cancel token."""
+    env = {'DATABASE_URL': database['worker'], 'REDIS_URL': redis_server.url, 'MONITOR_TOKEN': TOKEN}
+    with MonitorProcess(env, tmp_path_factory.mktemp('monitor')) as process:
+        yield process

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from flowworker.cli import WORKER_OPTIONS
 from flowworker.settings import Settings, SettingsError, env_name, load_settings
 
+from .conftest import flowworker
 from .servers import WORKER_ROOT, RedisServer
 
 CONNECTIONS = {'DATABASE_URL': 'postgresql://u:p@db:5432/app', 'REDIS_URL': 'redis://cache:6379/0'}
@@ -170,14 +171,7 @@ async def test_a_bad_setting_is_one_line_and_exit_2_before_anything_starts(
     redis = Redis.from_url(redis_server.url)
     await redis.flushall()
 
-    result = subprocess.run(
-        [sys.executable, '-m', 'flowworker', 'worker', *args],
-        env={'PATH': '/usr/bin:/bin', **env},
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    result = flowworker('worker', *args, env=env, inherit=False)
 
     assert result.returncode == 2
     assert result.stdout == ''

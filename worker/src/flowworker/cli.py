@@ -1,4 +1,4 @@
-"""The ``flowworker`` command: ``worker``, ``enqueue`` and ``db upgrade``.
+"""The ``flowworker`` command: ``worker``, ``enqueue``, ``db upgrade`` and ``monitor``.
 
 Exit codes: 0 done, 1 failed at run time, 2 bad usage or settings (one line on stderr naming the
 option or variable; nothing is started).
@@ -10,7 +10,7 @@ import argparse
 import asyncio
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -36,6 +36,8 @@ WORKER_OPTIONS = (
     'poll_delay',
     'max_tries',
 )
+# settings the monitoring service takes as options
+MONITOR_OPTIONS = {'monitor_host': '--host', 'monitor_port': '--port'}
 
 
 class UsageError(Exception):
@@ -121,12 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
         '--grant-to', metavar='ROLE', help='grant this role the SELECT, INSERT and UPDATE a worker needs'
     )
     _add_env_file(db_upgrade)
+
+    monitor = commands.add_parser(
+        'monitor',
+        help='serve the monitoring service (HTTP API, /workers page, /metrics, /healthz)',
+        description='Serve the monitoring service; needs the monitor extra: pip install '
+        '"flowworker[monitor]". It connects to Redis and PostgreSQL with the same settings as the worker.',
+        argument_default=argparse.SUPPRESS,
+    )
+    for field, option in MONITOR_OPTIONS.items():
+        monitor.add_argument(option, dest=field, metavar=option[2:].upper(), help=_field_help(field))
+    _add_env_file(monitor)
     return parser
 
 
-def _settings(args: argparse.Namespace, fields: Sequence[str]) -> Settings:
+def _settings(
+    args: argparse.Namespace, fields: Sequence[str], options: Mapping[str, str] | None = None
+) -> Settings:
     overrides = {f: getattr(args, f) for f in fields if hasattr(args, f)}
-    return load_settings(args.env_file, **overrides)
+    return load_settings(args.env_file, options=options, **overrides)
 
 
 def run_worker(args: argparse.Namespace) -> int:
@@ -216,6 +231,21 @@ def run_db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_monitor(args: argparse.Namespace) -> int:
+    settings = _settings(args, tuple(MONITOR_OPTIONS), MONITOR_OPTIONS)
+    settings.require_database()
+    settings.require_redis()
+    try:
+        from . import monitor  # noqa: PLC0415  # the web stack is an optional extra
+    except ImportError as e:
+        raise UsageError(
+            f'flowworker monitor needs the monitor extra ({e.name} is not installed): '
+            'pip install "flowworker[monitor]"'
+        ) from None
+    logs.configure(settings.log_level, settings.log_format)
+    return monitor.serve(settings)
+
+
 def _run(command: Any, args: argparse.Namespace, prog: str) -> int:
     try:
         return int(command(args))
@@ -235,5 +265,10 @@ def start_worker(argv: Sequence[str] | None = None, prog: str | None = None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.env_file = getattr(args, 'env_file', None)
-    command = {'worker': run_worker, 'enqueue': run_enqueue, 'db': run_db_upgrade}[args.command]
+    command = {
+        'worker': run_worker,
+        'enqueue': run_enqueue,
+        'db': run_db_upgrade,
+        'monitor': run_monitor,
+    }[args.command]
     return _run(command, args, 'flowworker')

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ from sqlalchemy.exc import ArgumentError
 
 QUEUE_KEY_PREFIX = 'arq:queue:'
 SSLMODES = ('disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full')
+MIN_TOKEN_LENGTH = 16
 
 
 def _env(name: str, description: str, **kwargs: Any) -> Any:
@@ -124,6 +126,20 @@ class Settings(BaseSettings):
         'FLOWWORKER_FLOW_MODULES', 'comma-separated modules whose flows this worker runs', default=[]
     )
 
+    # --- the monitoring service (flowworker monitor) ----------------------------------------
+    monitor_host: str = _env(
+        'MONITOR_HOST', 'address the monitoring service listens on', default='127.0.0.1', min_length=1
+    )
+    monitor_port: int = _env(
+        'MONITOR_PORT', 'port the monitoring service listens on', default=8080, ge=1, le=65535
+    )
+    monitor_token: SecretStr | None = _env(
+        'MONITOR_TOKEN',
+        f'bearer token that POST .../cancel requires (at least {MIN_TOKEN_LENGTH} characters); '
+        'unset: cancel is refused',
+        default=None,
+    )
+
     # --- logging and paths ------------------------------------------------------------------
     log_level: Literal['DEBUG', 'INFO', 'WARNING', 'ERROR'] = _env(
         'LOG_LEVEL', 'worker log level', default='INFO'
@@ -174,6 +190,15 @@ class Settings(BaseSettings):
             ('redis://', 'rediss://', 'unix://')
         ):
             raise ValueError('must be a redis://, rediss:// or unix:// URL')
+        return value
+
+    @field_validator('monitor_token', mode='after')
+    @classmethod
+    def _check_monitor_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        if len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(f'must be at least {MIN_TOKEN_LENGTH} characters')
         return value
 
     def require_database(self) -> None:
@@ -243,20 +268,25 @@ def env_name(field: str) -> str:
     return str(alias.choices[0])
 
 
-def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
+def load_settings(
+    env_file: Path | None = None, *, options: Mapping[str, str] | None = None, **overrides: Any
+) -> Settings:
     """Settings from ``overrides`` (the command line), the environment, ``env_file`` and defaults.
 
-    Raises :class:`SettingsError` with one line per bad or missing setting, naming the variable.
+    Raises :class:`SettingsError` with one line per bad or missing setting, naming the variable, or
+    the option an override came from: ``options[field]``, else ``--field-name``.
     """
     if env_file is not None and not env_file.is_file():
         raise SettingsError(f'--env-file {env_file}: no such file')
     try:
         return Settings(_env_file=env_file or '.env', **overrides)
     except ValidationError as e:
-        raise SettingsError('; '.join(_describe(error, overrides) for error in e.errors())) from None
+        raise SettingsError(
+            '; '.join(_describe(error, overrides, options or {}) for error in e.errors())
+        ) from None
 
 
-def _describe(error: Any, overrides: dict[str, Any]) -> str:
+def _describe(error: Any, overrides: dict[str, Any], options: Mapping[str, str]) -> str:
     message = str(error['msg']).removeprefix('Value error, ')
     if not error['loc']:
         return message
@@ -264,5 +294,5 @@ def _describe(error: Any, overrides: dict[str, Any]) -> str:
     if field not in Settings.model_fields:
         field = next((f for f in Settings.model_fields if env_name(f) == field), field)
     if field in overrides:
-        return f'--{field.replace("_", "-")}: {message}'
+        return f'{options.get(field, "--" + field.replace("_", "-"))}: {message}'
     return f'{env_name(field) if field in Settings.model_fields else field}: {message}'
