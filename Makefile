@@ -8,10 +8,11 @@ VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMPS := build/stamps
 LAB := -i inventories/lab
-# redis-server, postgresql: real servers for the worker tests; podman with runc, netavark,
-# aardvark-dns (containers find each other by name) and iptables (published ports), and
-# debootstrap: the systemd test image and the lab fleet; openssh-client: Ansible reaches the lab
-APT_PACKAGES := redis-server postgresql podman runc netavark aardvark-dns iptables debootstrap openssh-client
+# redis-server, postgresql: real servers for the worker tests; chromium: the test that renders the
+# monitor's /workers page; podman with runc, netavark, aardvark-dns (containers find each other by
+# name) and iptables (published ports), and debootstrap: the systemd test image and the lab fleet;
+# openssh-client: Ansible reaches the lab
+APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-dns iptables debootstrap openssh-client
 SCENARIOS := $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml))
 
 export PATH := $(BIN):$(PATH)

@@ -50,11 +50,14 @@ def postgres_server() -> Iterator[PostgresServer]:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def flowworker(*args: str, env: dict[str, str], inherit: bool = True) -> subprocess.CompletedProcess[str]:
+def flowworker(
+    *args: str, env: dict[str, str], inherit: bool = True, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the ``flowworker`` command with ``env`` added to this environment (or to a bare PATH)."""
     return subprocess.run(
         [sys.executable, '-m', 'flowworker', *args],
         env={**(os.environ if inherit else {'PATH': '/usr/bin:/bin'}), **env},
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=60,

@@ -1,18 +1,22 @@
-"""``flowworker monitor``: the command, its settings and ``/healthz``, against real servers."""
+"""``flowworker monitor``: the command, its settings and every endpoint, against real servers."""
 
 from __future__ import annotations
 
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import flowworker
-from .monitoring import MonitorProcess
+from .conftest import QUEUE, Stack, flowworker
+from .monitoring import TOKEN, MonitorProcess, known_mix
 from .servers import RedisServer, free_port
+
+API = '/api/v1/task_queue'
 
 
 @pytest.fixture
@@ -93,3 +97,159 @@ def test_without_the_monitor_extra_the_worker_runs_and_monitor_says_what_to_inst
         r'\((fastapi|uvicorn|prometheus_client) is not installed\): pip install "flowworker\[monitor\]"\n',
         result.stderr,
     )
+
+
+async def test_the_api_shows_the_known_mix(stack: Stack, monitor: MonitorProcess) -> None:
+    mix = await known_mix(stack)
+    async with monitor.client() as client:
+        [worker] = (await client.get(f'{API}/workers')).json()['workers']
+        queues = (await client.get(f'{API}/queues')).json()
+        tasks = (await client.get(f'{API}/tasks')).json()['tasks']
+
+        async def job_ids(**params: str) -> list[str]:
+            response = await client.get(f'{API}/tasks', params=params)
+            assert response.status_code == 200, response.text
+            return [task['job_id'] for task in response.json()['tasks']]
+
+        assert await job_ids(status='running') == [mix.running]
+        assert sorted(await job_ids(status='failed')) == sorted(mix.failed)
+        assert sorted(await job_ids(flow='demo.echo')) == sorted(mix.succeeded)
+        assert await job_ids(status='running', older_than='1h') == []
+        assert len(await job_ids(limit='2')) == 2
+        assert (await client.get(f'{API}/tasks', params={'status': 'stuck'})).status_code == 422
+        assert (await client.get(f'{API}/tasks', params={'older_than': 'soon'})).status_code == 422
+
+    assert worker['worker_id'] == mix.worker.worker_id
+    assert (worker['host'], worker['pid'], worker['queue']) == (
+        socket.gethostname(),
+        mix.worker.pid,
+        'default',
+    )
+    assert (worker['state'], worker['database'], worker['max_jobs']) == ('running', 'ok', 1)
+    assert (worker['running'], worker['completed'], worker['failed']) == (1, 3, 2)
+    assert 0 <= worker['heartbeat_age'] < 30
+
+    assert queues['queues'] == [
+        {
+            'name': 'default',
+            'key': 'arq:queue:default',
+            'length': 3,  # the running job and the two queued
+            'deferred': 0,
+            'running': 1,
+            'workers': 1,
+            'picking': 1,
+            'stranded': False,
+        }
+    ]
+    for rate in queues['rates']:
+        assert (rate['succeeded'], rate['failed'], rate['cancelled']) == (3, 2, 0), rate
+        assert rate['failure_rate'] == 0.4
+        assert rate['completion_rate'] == 3 / rate['seconds']
+    assert [rate['window'] for rate in queues['rates']] == ['1m', '5m', '15m']
+
+    assert sorted(task['job_id'] for task in tasks) == sorted(mix.recorded)
+    by_id = {task['job_id']: task for task in tasks}
+    assert by_id[mix.running]['status'] == 'running'
+    assert by_id[mix.running]['finished_at'] is None
+    assert by_id[mix.failed[0]]['error'] == 'DemoFailure: demo.fail always fails'
+    assert by_id[mix.succeeded[1]]['result'] == {'n': 1}
+
+
+async def test_metrics_are_prometheus_text_with_the_five_metrics(
+    stack: Stack, monitor: MonitorProcess
+) -> None:
+    mix = await known_mix(stack)
+    async with monitor.client() as client:
+        response = await client.get('/metrics')
+    assert response.status_code == 200
+    assert response.headers['content-type'].startswith('text/plain')
+
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+    assert samples[('flowworker_workers', (('queue', 'default'), ('state', 'running')))] == 1
+    assert samples[('flowworker_workers', (('queue', 'default'), ('state', 'draining')))] == 0
+    assert samples[('flowworker_queue_length', (('queue', 'default'),))] == 3
+    for window in ('1m', '5m', '15m'):
+        assert samples[('flowworker_tasks_completed', (('flow', 'demo.echo'), ('window', window)))] == 3
+        assert samples[('flowworker_tasks_failed', (('flow', 'demo.fail'), ('window', window)))] == 2
+        assert samples[('flowworker_tasks_failed', (('flow', 'demo.echo'), ('window', window)))] == 0
+    labels = (('host', socket.gethostname()), ('queue', 'default'), ('worker_id', mix.worker.worker_id))
+    assert 0 <= samples[('flowworker_worker_heartbeat_age_seconds', labels)] < 30
+    names = {name for name, _ in samples}
+    assert names == {
+        'flowworker_workers',
+        'flowworker_queue_length',
+        'flowworker_tasks_completed',
+        'flowworker_tasks_failed',
+        'flowworker_worker_heartbeat_age_seconds',
+    }
+
+
+ENDPOINTS = {
+    f'{API}/workers': {'get'},
+    f'{API}/queues': {'get'},
+    f'{API}/tasks': {'get'},
+    f'{API}/tasks/{{job_id}}/cancel': {'post'},
+    '/workers': {'get'},
+    '/metrics': {'get'},
+    '/healthz': {'get'},
+}
+
+
+async def test_the_openapi_document_lists_exactly_the_endpoints_and_they_answer(
+    monitor: MonitorProcess,
+) -> None:
+    async with monitor.client() as client:
+        document = (await client.get('/openapi.json')).json()
+        assert {path: set(methods) for path, methods in document['paths'].items()} == ENDPOINTS
+        for path, methods in document['paths'].items():
+            for method in methods:
+                response = await client.request(method, path.replace('{job_id}', 'no-such-job'))
+                # the cancel is refused without a token; everything else answers
+                assert response.status_code == (401 if method == 'post' else 200), (path, response.text)
+        assert (await client.get('/docs')).status_code == 404  # Swagger UI would load from a CDN
+    assert document['info']['title'] == 'flowworker monitor'
+    cancel = document['paths'][f'{API}/tasks/{{job_id}}/cancel']['post']
+    assert set(cancel['responses']) >= {'200', '202', '401', '404', '409'}
+    assert cancel['security'] == [{'HTTPBearer': []}]
+
+
+async def test_cancel_needs_the_token_and_records_the_job_cancelled(
+    stack: Stack, monitor: MonitorProcess
+) -> None:
+    mix = await known_mix(stack)
+    cancel = f'{API}/tasks/{mix.running}/cancel'
+    async with monitor.client() as anonymous, monitor.client('wrong-token-0123456789') as wrong:
+        for client in (anonymous, wrong):
+            response = await client.post(cancel)
+            assert response.status_code == 401
+            assert response.headers['www-authenticate'] == 'Bearer'
+    assert (await stack.attempts(mix.running))[-1]['status'] == 'running'
+
+    async with monitor.client(TOKEN) as client:
+        response = await client.post(cancel)
+        assert (response.status_code, response.json()['outcome']) == (200, 'cancelled'), response.text
+        [task] = await stack.wait_final([mix.running])
+        assert (task['status'], task['error']) == ('cancelled', 'aborted')
+
+        again = await client.post(cancel)
+        assert (again.status_code, again.json()['outcome']) == (409, 'finished')
+        unknown = await client.post(f'{API}/tasks/no-such-job/cancel')
+        assert (unknown.status_code, unknown.json()['outcome']) == (404, 'not_found')
+    assert TOKEN not in monitor.output()
+
+
+async def test_without_a_token_configured_cancel_is_refused_to_everyone(
+    stack: Stack, database: dict[str, str], tmp_path: Path
+) -> None:
+    job_id = await stack.enqueue('demo.echo')
+    env = {'DATABASE_URL': database['worker'], 'REDIS_URL': stack.env['REDIS_URL']}
+    with MonitorProcess(env, tmp_path) as process:
+        async with process.client(TOKEN) as client:
+            response = await client.post(f'{API}/tasks/{job_id}/cancel')
+    assert response.status_code == 401
+    assert response.json()['detail'] == 'cancel is disabled: the service has no MONITOR_TOKEN'
+    assert await stack.redis.zcard(QUEUE) == 1

@@ -1,7 +1,8 @@
-"""The ``flowworker`` command: ``worker``, ``enqueue``, ``db upgrade`` and ``monitor``.
+"""The ``flowworker`` command: ``worker``, ``enqueue``, ``db upgrade``, ``monitor``, and the operators'
+``status``, ``tasks``, ``cancel`` and ``purge`` (see ``operations.py``).
 
 Exit codes: 0 done, 1 failed at run time, 2 bad usage or settings (one line on stderr naming the
-option or variable; nothing is started).
+option or variable; nothing is started), 3 ``status`` found a queue with jobs and no live worker.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any, NoReturn
 
 from arq.jobs import Job, JobStatus
 
-from . import logs
+from . import logs, operations
+from .fleet import parse_duration
 from .infrastructure import create_engine, create_redis, initialize
 from .registry import FlowImportError, registry
-from .schema import SchemaError, upgrade
+from .schema import STATUSES, SchemaError, upgrade
 from .settings import Settings, SettingsError, env_name, load_settings
 from .version import VERSION
 from .worker import serve
@@ -124,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_env_file(db_upgrade)
 
+    _add_operations(commands)
+
     monitor = commands.add_parser(
         'monitor',
         help='serve the monitoring service (HTTP API, /workers page, /metrics, /healthz)',
@@ -135,6 +139,68 @@ def build_parser() -> argparse.ArgumentParser:
         monitor.add_argument(option, dest=field, metavar=option[2:].upper(), help=_field_help(field))
     _add_env_file(monitor)
     return parser
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a whole number of at least 1')
+    return int(value)
+
+
+def _duration(value: str) -> float:
+    try:
+        return parse_duration(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_operations(commands: Any) -> None:
+    status = commands.add_parser(
+        'status',
+        help='the fleet: live workers, queue lengths, completion and failure rates',
+        description='Show the live workers (from their heartbeats), the length of every queue (ZCARD) '
+        'and the tasks that ended in the last 1, 5 and 15 minutes. Exit 3 when a queue has jobs and no '
+        'live worker picks them, 1 when Redis or PostgreSQL does not answer.',
+    )
+    status.add_argument('--json', action='store_true', help='print JSON for scripts')
+    _add_env_file(status)
+
+    tasks = commands.add_parser(
+        'tasks', help='list task records, e.g. stuck ones: --status running --older-than 10m'
+    )
+    tasks.add_argument('--status', choices=STATUSES, help="the job's latest attempt has this status")
+    tasks.add_argument('--flow', metavar='NAME', help='only this flow')
+    tasks.add_argument(
+        '--older-than', type=_duration, metavar='AGE', help='started more than AGE ago: 90s, 10m, 2h, 1d'
+    )
+    tasks.add_argument(
+        '--limit', type=_positive, default=50, metavar='N', help='at most N, newest first (50)'
+    )
+    tasks.add_argument('--json', action='store_true', help='print JSON for scripts')
+    _add_env_file(tasks)
+
+    cancel = commands.add_parser(
+        'cancel', help='cancel a queued or running job (arq abort); its record says cancelled'
+    )
+    cancel.add_argument('job_id', metavar='JOB_ID')
+    cancel.add_argument(
+        '--wait',
+        type=float,
+        default=10.0,
+        metavar='SECONDS',
+        help='wait up to SECONDS for a worker to cancel it (10); exit 1 if none did',
+    )
+    _add_env_file(cancel)
+
+    purge = commands.add_parser(
+        'purge',
+        help='remove the queued jobs of a queue, not the running ones (asks first)',
+        description='Remove every job of arq:queue:NAME that is not running (queued, deferred, waiting to '
+        'retry), with its job key; running jobs finish as usual. Asks for confirmation unless --yes.',
+    )
+    purge.add_argument('--queue', dest='queue_name', required=True, metavar='NAME', help='the queue')
+    purge.add_argument('--yes', action='store_true', help='do not ask (for scripts)')
+    _add_env_file(purge)
 
 
 def _settings(
@@ -246,12 +312,38 @@ def run_monitor(args: argparse.Namespace) -> int:
     return monitor.serve(settings)
 
 
+def run_status(args: argparse.Namespace) -> int:
+    return operations.status(_settings(args, ()), args.json)
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    return operations.tasks(
+        _settings(args, ()),
+        status=args.status,
+        flow=args.flow,
+        older_than=args.older_than,
+        limit=args.limit,
+        as_json=args.json,
+    )
+
+
+def run_cancel(args: argparse.Namespace) -> int:
+    return operations.cancel(_settings(args, ()), args.job_id, args.wait)
+
+
+def run_purge(args: argparse.Namespace) -> int:
+    return operations.purge(_settings(args, ('queue_name',), {'queue_name': '--queue'}), args.yes)
+
+
 def _run(command: Any, args: argparse.Namespace, prog: str) -> int:
     try:
         return int(command(args))
     except (SettingsError, UsageError, FlowImportError, SchemaError) as e:
         print(f'{prog}: error: {e}', file=sys.stderr)
         return 2
+    except operations.Unreachable as e:
+        print(f'{prog}: error: {e}', file=sys.stderr)
+        return 1
 
 
 def start_worker(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -270,5 +362,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         'enqueue': run_enqueue,
         'db': run_db_upgrade,
         'monitor': run_monitor,
+        'status': run_status,
+        'tasks': run_tasks,
+        'cancel': run_cancel,
+        'purge': run_purge,
     }[args.command]
     return _run(command, args, 'flowworker')

@@ -1,33 +1,81 @@
 """The monitoring service (``flowworker monitor``): the fleet over HTTP, for people and Prometheus.
 
-Needs the ``monitor`` extra (FastAPI, uvicorn, prometheus-client, Jinja2); workers do not. It
-reads what the workers write (heartbeat keys, queues, task records) and changes nothing but a
-job it is asked to cancel.
+Needs the ``monitor`` extra (FastAPI, uvicorn, prometheus-client, Jinja2); workers do not. Every
+view is computed by :mod:`.fleet`, as ``flowworker status`` is; the only change the service makes
+is cancelling a job, and only for a caller with the bearer token ``MONITOR_TOKEN``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from jinja2 import Environment, PackageLoader
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from pydantic import BaseModel
+from redis.exceptions import RedisError
 from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
 
+from . import control, fleet, report
 from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, Infrastructure, describe_error, initialize
+from .operations import unreachable
 from .settings import Settings
 from .version import VERSION
 
 logger = logging.getLogger('flowworker.monitor')
 
+API = '/api/v1/task_queue'
 # seconds /healthz waits for each of Redis and PostgreSQL
 HEALTH_TIMEOUT = 5.0
 # seconds the monitor waits for Redis when it starts (then it exits 1 and its supervisor restarts it)
 CONNECT_RETRIES = 30
+# seconds POST .../cancel waits for a worker to confirm
+CANCEL_WAIT = 10.0
+# seconds between reloads of the /workers page
+PAGE_REFRESH = 5
+CANCEL_STATUS = {
+    control.Outcome.cancelled: 200,
+    control.Outcome.requested: 202,
+    control.Outcome.not_found: 404,
+    control.Outcome.finished: 409,
+}
+
+pages = Environment(loader=PackageLoader('flowworker'), autoescape=True)
+bearer = HTTPBearer(auto_error=False, description='the MONITOR_TOKEN of the service')
+
+
+class Workers(BaseModel):
+    workers: list[fleet.Worker]
+
+
+class Queues(BaseModel):
+    queues: list[fleet.Queue]
+    rates: list[fleet.Rate]
+
+
+class Tasks(BaseModel):
+    tasks: list[fleet.Task]
+
+
+class Cancelled(BaseModel):
+    job_id: str
+    outcome: control.Outcome
+    detail: str
+
+
+class Health(BaseModel):
+    status: str
+    failed: dict[str, str] | None = None
 
 
 def _infra(request: Request) -> Infrastructure:
@@ -36,6 +84,22 @@ def _infra(request: Request) -> Infrastructure:
 
 
 Infra = Annotated[Infrastructure, Depends(_infra)]
+
+
+def _authorized(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+) -> None:
+    """The caller presented the bearer token; with no MONITOR_TOKEN set, nobody can."""
+    token = request.app.state.infra.settings.monitor_token
+    if token is None:
+        detail = 'cancel is disabled: the service has no MONITOR_TOKEN'
+    elif credentials is None:
+        detail = 'a bearer token is required'
+    elif secrets.compare_digest(credentials.credentials.encode(), token.get_secret_value().encode()):
+        return
+    else:
+        detail = 'the bearer token is wrong'
+    raise HTTPException(401, detail, headers={'WWW-Authenticate': 'Bearer'})
 
 
 async def check_health(infra: Infrastructure) -> dict[str, str]:
@@ -57,6 +121,69 @@ async def check_health(infra: Infrastructure) -> dict[str, str]:
     return failed
 
 
+def _gauge(name: str, documentation: str, samples: dict[tuple[str, ...], float], *labels: str) -> Metric:
+    gauge = GaugeMetricFamily(name, documentation, labels=labels)
+    for values, value in samples.items():
+        gauge.add_metric(values, value)
+    return gauge
+
+
+class FleetMetrics:
+    """The guide's five metrics, as a prometheus-client collector over one :class:`fleet.Fleet`."""
+
+    def __init__(self, found: fleet.Fleet) -> None:
+        self.fleet = found
+
+    def collect(self) -> Iterable[Metric]:
+        queues, flows, workers = self.fleet.queues, self.fleet.flows, self.fleet.workers
+        return [
+            _gauge(
+                'flowworker_workers',
+                'live worker processes (heartbeat keys arq:worker:*)',
+                {
+                    **{(q.name, 'running'): q.picking for q in queues},
+                    **{(q.name, 'draining'): q.workers - q.picking for q in queues},
+                },
+                'queue',
+                'state',
+            ),
+            _gauge(
+                'flowworker_queue_length',
+                'jobs queued, deferred or running (ZCARD arq:queue:<name>)',
+                {(q.name,): q.length for q in queues},
+                'queue',
+            ),
+            _gauge(
+                'flowworker_tasks_completed',
+                'task attempts that succeeded in the last window (1m, 5m, 15m)',
+                {(f.flow, f.window): f.succeeded for f in flows},
+                'flow',
+                'window',
+            ),
+            _gauge(
+                'flowworker_tasks_failed',
+                'task attempts that failed for good in the last window (1m, 5m, 15m)',
+                {(f.flow, f.window): f.failed for f in flows},
+                'flow',
+                'window',
+            ),
+            _gauge(
+                'flowworker_worker_heartbeat_age_seconds',
+                'seconds since the worker last wrote its heartbeat',
+                {(w.worker_id, w.host, w.queue): w.heartbeat_age for w in workers},
+                'worker_id',
+                'host',
+                'queue',
+            ),
+        ]
+
+
+async def _unreachable(request: Request, e: Exception) -> JSONResponse:
+    detail = unreachable(e)
+    logger.warning('%s %s: %s', request.method, request.url.path, detail)
+    return JSONResponse({'detail': detail}, status_code=503)
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -69,11 +196,75 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title='flowworker monitor',
         version=VERSION,
-        description='The flowworker fleet: workers, queues, task records; cancel a job.',
+        description='The flowworker fleet: live workers, queues, task records; cancel a job.',
         lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load from a CDN; /openapi.json is the document
+        redoc_url=None,
     )
+    for error in (RedisError, SQLAlchemyError, OSError):
+        app.add_exception_handler(error, _unreachable)
 
-    @app.get('/healthz', tags=['health'])
+    @app.get(f'{API}/workers', tags=['task queue'])
+    async def list_workers(infra: Infra) -> Workers:
+        """The live worker processes, from their heartbeat keys ``arq:worker:<worker-id>``."""
+        return Workers(workers=await fleet.workers(infra.redis))
+
+    @app.get(f'{API}/queues', tags=['task queue'])
+    async def list_queues(infra: Infra) -> Queues:
+        """Every queue with jobs or a live worker (``ZCARD arq:queue:<name>``), and the task rates."""
+        found = await fleet.fleet(infra.redis, infra.engine)
+        return Queues(queues=found.queues, rates=found.rates)
+
+    @app.get(f'{API}/tasks', tags=['task queue'])
+    async def list_tasks(
+        infra: Infra,
+        status: fleet.Status | None = None,
+        flow: str | None = None,
+        older_than: Annotated[
+            str | None, Query(description='started more than this long ago: 90s, 10m, 2h, 1d')
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    ) -> Tasks:
+        """Jobs (their latest attempt), newest first."""
+        try:
+            age = None if older_than is None else fleet.parse_duration(older_than)
+        except ValueError as e:
+            raise HTTPException(422, f'older_than: {e}') from None
+        found = await fleet.tasks(infra.engine, status=status, flow=flow, older_than=age, limit=limit)
+        return Tasks(tasks=found)
+
+    @app.post(
+        f'{API}/tasks/{{job_id}}/cancel',
+        tags=['task queue'],
+        dependencies=[Depends(_authorized)],
+        responses={
+            202: {'model': Cancelled, 'description': 'requested; no worker has acted on it yet'},
+            401: {'description': 'no valid bearer token (or no MONITOR_TOKEN configured)'},
+            404: {'model': Cancelled, 'description': 'the job is not queued or running'},
+            409: {'model': Cancelled, 'description': 'the job has already finished'},
+        },
+    )
+    async def cancel_task(job_id: str, infra: Infra) -> JSONResponse:
+        """Abort a queued or running job (arq abort); its worker records it ``cancelled``."""
+        result = await control.cancel(infra.redis, job_id, CANCEL_WAIT)
+        body = Cancelled(job_id=job_id, outcome=result.outcome, detail=result.detail)
+        return JSONResponse(body.model_dump(mode='json'), status_code=CANCEL_STATUS[result.outcome])
+
+    @app.get('/workers', response_class=HTMLResponse, tags=['pages'])
+    async def workers_page(infra: Infra) -> str:
+        """The fleet, its queues and rates as a page that reloads itself."""
+        found = await fleet.fleet(infra.redis, infra.engine)
+        return pages.get_template('workers.html').render(
+            fleet=found, report=report, refresh=PAGE_REFRESH, version=VERSION
+        )
+
+    @app.get('/metrics', response_class=Response, tags=['metrics'])
+    async def metrics(infra: Infra) -> Response:
+        """Prometheus text: workers, queue lengths, completions and failures by flow, heartbeat ages."""
+        found = await fleet.fleet(infra.redis, infra.engine)
+        return Response(generate_latest(FleetMetrics(found)), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get('/healthz', tags=['health'], responses={503: {'model': Health}})
     async def healthz(infra: Infra) -> JSONResponse:
         """200 when Redis and PostgreSQL answer; 503 naming the one that does not."""
         failed = await check_health(infra)

@@ -8,7 +8,7 @@ Producer contract: ``enqueue_job('run_flow', flow_name, params, _queue_name='arq
 - timeout: the first one is ``retrying`` and the job runs once more; the second is ``failed``
   (arq itself never retries a timed-out job).
 - cancelled by ``flowworker`` shutdown: ``interrupted``, and arq re-queues the job.
-- aborted (arq ``Job.abort``): ``cancelled``.
+- aborted (arq ``Job.abort``, ``flowworker cancel``): ``cancelled``, running or not yet started.
 """
 
 from __future__ import annotations
@@ -134,24 +134,28 @@ class Runner:
     jobs: JobCounts
     aborting: Set[str]
 
+    def _attempt(self, job_id: str, number: int, flow_name: str, enqueued_at: datetime) -> Attempt:
+        row = {
+            'job_id': job_id,
+            'attempt': number,
+            'flow': flow_name,
+            'queue': self.settings.queue_name,
+            'status': 'running',
+            'worker_id': self.settings.worker_id,
+            'enqueued_at': enqueued_at,
+            'started_at': datetime.now(UTC),
+            'finished_at': None,
+            'error': None,
+            'result': None,
+        }
+        return Attempt(row, self.store, self.jobs)
+
+    def aborted_before_start(self, job_id: str, number: int, flow_name: str, enqueued_at: datetime) -> None:
+        """arq aborted the job before ``run_flow`` began: the attempt is recorded ``cancelled`` too."""
+        self._attempt(job_id, number, flow_name, enqueued_at).cancel(aborted=True)
+
     async def run(self, ctx: dict[str, Any], flow_name: str, params: dict[str, Any]) -> Any:
-        attempt = Attempt(
-            {
-                'job_id': ctx['job_id'],
-                'attempt': ctx['job_try'],
-                'flow': flow_name,
-                'queue': self.settings.queue_name,
-                'status': 'running',
-                'worker_id': self.settings.worker_id,
-                'enqueued_at': ctx['enqueue_time'],
-                'started_at': datetime.now(UTC),
-                'finished_at': None,
-                'error': None,
-                'result': None,
-            },
-            self.store,
-            self.jobs,
-        )
+        attempt = self._attempt(ctx['job_id'], ctx['job_try'], flow_name, ctx['enqueue_time'])
         number = attempt.number
         if number > self.settings.max_tries:
             attempt.fail(

@@ -24,6 +24,7 @@ from typing import Any
 
 from arq import Worker
 from arq.constants import in_progress_key_prefix
+from arq.jobs import deserialize_result
 from arq.worker import func
 
 from .heartbeat import Heartbeat, JobCounts, heartbeat_key
@@ -180,6 +181,19 @@ class FlowWorker(Worker):
 
     async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
         await self._until_done(f'finish job {job_id}', super().finish_failed_job, job_id, result_data)
+        if result_data is not None:
+            self._record_if_aborted(job_id, result_data)
+
+    def _record_if_aborted(self, job_id: str, result_data: bytes) -> None:
+        """arq ends a job aborted before it started here, without running it: record it cancelled."""
+        result = deserialize_result(result_data, deserializer=self.job_deserializer)
+        if (
+            isinstance(result.result, asyncio.CancelledError)
+            and result.function == 'run_flow'
+            and result.args
+        ):
+            runner: Runner = self.ctx['runner']
+            runner.aborted_before_start(job_id, result.job_try, str(result.args[0]), result.enqueue_time)
 
     async def _until_done(self, what: str, call: Any, *args: Any) -> None:
         """Retry a Redis write that must happen (a job's end) until Redis takes it."""

@@ -1,0 +1,266 @@
+"""The fleet as an operator sees it: live workers, queues, task rates and task records.
+
+Computed here once; ``flowworker status`` and ``flowworker tasks`` print it, the monitoring service
+serves it as JSON, HTML and Prometheus metrics. It only reads:
+
+- workers: the heartbeat keys ``arq:worker:<worker-id>`` (a key exists exactly while its process
+  lives), read with SCAN + MGET, never KEYS;
+- queues: arq's sorted sets ``arq:queue:<name>`` (``ZCARD``; the guide's ``LLEN`` fails with
+  WRONGTYPE), those that exist and those a live worker serves;
+- rates: the task records (``flow_task_attempts``) finished in the last 1, 5 and 15 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, computed_field
+from redis.asyncio import Redis
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .heartbeat import KEY_PREFIX as HEARTBEAT_PREFIX
+from .schema import STATUSES
+from .settings import QUEUE_KEY_PREFIX
+
+logger = logging.getLogger('flowworker.fleet')
+
+# the windows rates are given for: name -> seconds
+WINDOWS = {'1m': 60, '5m': 300, '15m': 900}
+# the attempt statuses rates count: a job's end
+RATE_STATUSES = ('succeeded', 'failed', 'cancelled')
+Status = Literal['running', 'succeeded', 'failed', 'retrying', 'interrupted', 'cancelled', 'lost']
+assert set(Status.__args__) == set(STATUSES)  # type: ignore[attr-defined]
+SCAN_COUNT = 500
+
+
+class Worker(BaseModel):
+    """One live worker process, from its heartbeat."""
+
+    worker_id: str
+    host: str
+    pid: int
+    queue: str
+    state: str = Field(description='running, or draining (picks no more jobs)')
+    database: str = Field(description='ok, or unreachable (the worker picks no jobs meanwhile)')
+    max_jobs: int
+    running: int = Field(description='jobs running now')
+    completed: int = Field(description='jobs this process completed since it started')
+    failed: int = Field(description='jobs this process failed (or cancelled) since it started')
+    retried: int
+    version: str
+    started_at: datetime
+    beat_at: datetime
+    heartbeat_age: float = Field(description='seconds since the last heartbeat')
+
+
+class Queue(BaseModel):
+    name: str
+    key: str = Field(description='the Redis sorted set, arq:queue:<name>')
+    length: int = Field(description='ZCARD: jobs queued, deferred or running')
+    deferred: int = Field(description='jobs not due yet (retries waiting, _defer_by)')
+    running: int = Field(description="jobs running, from the workers' heartbeats")
+    workers: int = Field(description='live workers on the queue')
+    picking: int = Field(description='live workers on the queue that pick jobs (state running)')
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def stranded(self) -> bool:
+        """Jobs are waiting and no live worker will pick them."""
+        return self.length > 0 and self.picking == 0
+
+
+class FlowRate(BaseModel):
+    flow: str
+    window: str
+    succeeded: int
+    failed: int
+    cancelled: int
+
+
+class Rate(BaseModel):
+    """All flows, one window."""
+
+    window: str
+    seconds: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    completion_rate: float = Field(description='succeeded per second')
+    failure_rate: float | None = Field(description='failed / (succeeded + failed); null when neither')
+
+
+class Fleet(BaseModel):
+    at: datetime
+    workers: list[Worker]
+    queues: list[Queue]
+    rates: list[Rate]
+    flows: list[FlowRate] = Field(description='the same counts by flow')
+
+    @property
+    def stranded(self) -> list[Queue]:
+        return [queue for queue in self.queues if queue.stranded]
+
+
+class Task(BaseModel):
+    """A job's latest attempt (view ``flow_tasks``)."""
+
+    job_id: str
+    attempt: int
+    flow: str
+    queue: str
+    status: str
+    worker_id: str
+    enqueued_at: datetime | None
+    started_at: datetime
+    finished_at: datetime | None
+    runtime: float = Field(description='seconds from start to end, or to now while it runs')
+    error: str | None
+    result: Any = None
+
+
+# attempts that ended in each window: a row per window, flow and status (windows in seconds)
+RATES = text("""
+SELECT w.secs, a.flow, a.status, count(*)
+FROM unnest(CAST(:windows AS integer[])) AS w(secs)
+JOIN flow_task_attempts AS a ON a.finished_at > now() - make_interval(secs => w.secs)
+WHERE a.status = ANY(CAST(:statuses AS text[]))
+GROUP BY w.secs, a.flow, a.status
+""")
+# a job's latest attempt, filtered by whichever of status, flow and age are given; newest first
+TASKS = text("""
+SELECT job_id, attempt, flow, queue, status, worker_id, enqueued_at, started_at, finished_at,
+       extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS runtime, error, result
+FROM flow_tasks
+WHERE (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
+  AND (CAST(:flow AS text) IS NULL OR flow = CAST(:flow AS text))
+  AND (CAST(:older_than AS float8) IS NULL
+       OR started_at < now() - make_interval(secs => CAST(:older_than AS float8)))
+ORDER BY started_at DESC, job_id
+LIMIT :limit
+""")
+
+
+async def _scan(redis: Redis, pattern: str, type_: str | None = None) -> list[str]:
+    keys = [key.decode() async for key in redis.scan_iter(match=pattern, count=SCAN_COUNT, _type=type_)]
+    return sorted(keys)
+
+
+def _worker(raw: bytes, now: datetime) -> Worker:
+    beat = json.loads(raw)
+    beat_at = datetime.fromisoformat(beat['beat_at'])
+    return Worker(
+        **{k: v for k, v in beat.items() if k != 'jobs'},
+        **beat['jobs'],
+        heartbeat_age=max((now - beat_at).total_seconds(), 0.0),
+    )
+
+
+async def workers(redis: Redis) -> list[Worker]:
+    """The live worker processes, by worker id."""
+    keys = await _scan(redis, HEARTBEAT_PREFIX + '*')
+    if not keys:
+        return []
+    now = datetime.now(UTC)
+    found = []
+    for key, raw in zip(keys, await redis.mget(keys), strict=True):
+        if raw is None:
+            continue  # the process stopped between SCAN and MGET
+        try:
+            found.append(_worker(raw, now))
+        except (ValueError, KeyError, TypeError, ValidationError) as e:
+            logger.warning('ignoring heartbeat %s that is not a flowworker heartbeat: %s', key, e)
+    return found
+
+
+async def queues(redis: Redis, live: list[Worker]) -> list[Queue]:
+    """Every queue that has jobs or a live worker."""
+    names = {key.removeprefix(QUEUE_KEY_PREFIX) for key in await _scan(redis, QUEUE_KEY_PREFIX + '*', 'zset')}
+    names.update(worker.queue for worker in live)
+    now_ms = int(time.time() * 1000)
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in sorted(names):
+            pipe.zcard(QUEUE_KEY_PREFIX + name)
+            pipe.zcount(QUEUE_KEY_PREFIX + name, f'({now_ms}', '+inf')
+        counts = await pipe.execute()
+    result = []
+    for i, name in enumerate(sorted(names)):
+        on_queue = [worker for worker in live if worker.queue == name]
+        result.append(
+            Queue(
+                name=name,
+                key=QUEUE_KEY_PREFIX + name,
+                length=counts[2 * i],
+                deferred=counts[2 * i + 1],
+                running=sum(worker.running for worker in on_queue),
+                workers=len(on_queue),
+                picking=sum(worker.state == 'running' for worker in on_queue),
+            )
+        )
+    return result
+
+
+async def rates(engine: AsyncEngine) -> tuple[list[Rate], list[FlowRate]]:
+    """Attempts that ended in each window, for all flows and by flow."""
+    params = {'windows': list(WINDOWS.values()), 'statuses': list(RATE_STATUSES)}
+    async with engine.connect() as conn:
+        rows = (await conn.execute(RATES, params)).all()
+    names = {seconds: window for window, seconds in WINDOWS.items()}
+    counts: dict[tuple[str, str], dict[str, int]] = {}
+    for seconds, flow, status, count in rows:
+        counts.setdefault((flow, names[seconds]), dict.fromkeys(RATE_STATUSES, 0))[status] = count
+    flows = [FlowRate(flow=flow, window=window, **c) for (flow, window), c in sorted(counts.items())]
+    totals = []
+    for window, seconds in WINDOWS.items():
+        total = {s: sum(getattr(f, s) for f in flows if f.window == window) for s in RATE_STATUSES}
+        ended = total['succeeded'] + total['failed']
+        totals.append(
+            Rate(
+                window=window,
+                seconds=seconds,
+                **total,
+                completion_rate=total['succeeded'] / seconds,
+                failure_rate=total['failed'] / ended if ended else None,
+            )
+        )
+    return totals, flows
+
+
+async def fleet(redis: Redis, engine: AsyncEngine) -> Fleet:
+    live = await workers(redis)
+    totals, flows = await rates(engine)
+    return Fleet(
+        at=datetime.now(UTC), workers=live, queues=await queues(redis, live), rates=totals, flows=flows
+    )
+
+
+DURATION = re.compile(r'^(\d+(?:\.\d+)?)([smhd]?)$')
+UNITS = {'': 1, 's': 1, 'm': 60, 'h': 3600, 'd': 86400}
+
+
+def parse_duration(value: str) -> float:
+    """``90``, ``90s``, ``10m``, ``2h``, ``1d`` as seconds."""
+    match = DURATION.match(value.strip())
+    if not match:
+        raise ValueError(f'{value!r} is not a duration: a number with s, m, h or d, e.g. 10m')
+    return float(match[1]) * UNITS[match[2]]
+
+
+async def tasks(
+    engine: AsyncEngine,
+    *,
+    status: str | None = None,
+    flow: str | None = None,
+    older_than: float | None = None,
+    limit: int = 50,
+) -> list[Task]:
+    """Jobs (their latest attempt), newest first; ``older_than``: started more than that many seconds ago."""
+    params = {'status': status, 'flow': flow, 'older_than': older_than, 'limit': limit}
+    async with engine.connect() as conn:
+        rows = (await conn.execute(TASKS, params)).mappings().all()
+    return [Task(**row) for row in rows]
