@@ -60,13 +60,13 @@ def password_file(tmp_path: Path) -> Path:
         (
             'production',
             ('worker-1.prod.example.internal', 'ops-1.prod.example.internal'),
-            r'postgresql://flow_worker:production-worker-\w+@pg-1.prod.example.internal:5432/flows\?sslmode=verify-full',
+            r'postgresql://flow_ROLE:production-ROLE[\w-]+@pg-1.prod.example.internal:5432/flows\?sslmode=verify-full',
             r'rediss://:production-redis-\w+@redis-1.prod.example.internal:6380/0',
         ),
         (
             'staging',
             ('worker-2.staging.example.internal', 'data-1.staging.example.internal'),
-            r'postgresql://flow_worker:staging-worker-\w+@data-1.staging.example.internal:5432/flows',
+            r'postgresql://flow_ROLE:staging-ROLE[\w-]+@data-1.staging.example.internal:5432/flows',
             r'redis://:staging-redis-\w+@data-1.staging.example.internal:6379/0',
         ),
     ],
@@ -75,9 +75,10 @@ def test_the_dsns_and_the_monitor_token_come_from_the_inventory_and_its_vault(
     inventory: str, hosts: tuple[str, str], database_url: str, redis_url: str, password_file: Path
 ) -> None:
     worker, monitor = hosts
-    # the monitor reads with the workers' DSNs; its token is in its group's own vault file
-    for host, prefix in ((worker, 'arq_worker'), (monitor, 'arq_monitor')):
-        assert re.fullmatch(database_url, host_var(inventory, host, f'{prefix}_database_url', password_file))
+    # the monitor reads with PostgreSQL's read-only monitor role; its token is in its group's own vault file
+    for host, prefix, role in ((worker, 'arq_worker', 'worker'), (monitor, 'arq_monitor', 'monitor')):
+        dsn = host_var(inventory, host, f'{prefix}_database_url', password_file)
+        assert re.fullmatch(database_url.replace('ROLE', role), dsn)
         assert re.fullmatch(redis_url, host_var(inventory, host, f'{prefix}_redis_url', password_file))
     token = host_var(inventory, monitor, 'arq_monitor_token', password_file)
     assert re.fullmatch(rf'{inventory}-monitor-[0-9a-f]{{24}}', token)
