@@ -7,6 +7,7 @@ a cancel without the token, and `make demo` (playbooks/demo.yml) must end with i
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -63,3 +64,15 @@ def test_the_demo_ends_with_the_monitors_url(deployed: Lab) -> None:
     run = ansible_playbook(LAB, 'playbooks/demo.yml', '-e', 'demo_jobs=5')
     assert run.returncode == 0, run.output[-3000:]
     assert f'{MONITOR}/workers' in run.output.rsplit('TASK [', 1)[1]
+
+
+def test_a_short_token_fails_before_any_host_changes(deployed: Lab, tmp_path: Path) -> None:
+    bad = deployed.copy(tmp_path / 'inventory')
+    bad.set_vars('group_vars/arq_monitors.yml', {'arq_monitor_token': 'hunter2'})
+
+    run = bad.deploy()
+
+    assert run.returncode != 0
+    assert 'arq_monitor_token must be at least 16 characters' in run.output
+    assert 'hunter2' not in run.output
+    assert run.changed_hosts() == set(), run.output[-5000:]

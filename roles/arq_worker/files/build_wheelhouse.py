@@ -91,9 +91,7 @@ def metadata_values(wheel: Path, field: str) -> list[str]:
     with zipfile.ZipFile(wheel) as archive:
         name = next(n for n in archive.namelist() if n.endswith('.dist-info/METADATA'))
         metadata = archive.read(name).decode('utf-8', 'replace')
-    return [
-        line.partition(':')[2].strip() for line in metadata.splitlines() if line.startswith(f'{field}:')
-    ]
+    return [line.partition(':')[2].strip() for line in metadata.splitlines() if line.startswith(f'{field}:')]
 
 
 def missing_requirements(
@@ -126,7 +124,7 @@ def missing_requirements(
 
 
 def build(
-    out: Path, sources: list[Path], extras: list[str], python_version: str, arch: str, glibc: str
+    out: Path, sources: list[Path], python_version: str, arch: str, glibc: str, *, extras: list[str]
 ) -> dict[str, object]:
     nodot = ''.join(python_version.split('.')[:2])
     major, minor = (int(part) for part in glibc.split('.')[:2])
@@ -163,9 +161,7 @@ def build(
         unknown = set(extras).difference(*chosen.values())
         if unknown:
             raise SystemExit(f'--extra {", ".join(sorted(unknown))}: no local package provides it')
-        requested = {
-            w.name: f'{w}[{",".join(chosen[w.name])}]' if chosen[w.name] else str(w) for w in local_wheels
-        }
+        suffix = {name: f'[{",".join(names)}]' if names else '' for name, names in chosen.items()}
 
         def download(*requirements: str) -> None:
             """Binary wheels for the target platform into the wheelhouse."""
@@ -192,7 +188,7 @@ def build(
                 stdout=sys.stderr,
             )
 
-        download(*requested.values())
+        download(*(f'{w}{suffix[w.name]}' for w in local_wheels))
         for wheel in local_wheels:
             shutil.move(str(wheel), tmp / wheel.name)
         environment = target_environment(python_version, arch)
@@ -202,10 +198,7 @@ def build(
                 break
             download(*missing)
         local.rmdir()
-        packages = sorted(
-            project_name(w) + (f'[{",".join(chosen[w.name])}]' if chosen[w.name] else '') for w in local_wheels
-        )
-        return {'packages': packages, 'tmp': tmp}
+        return {'packages': sorted(project_name(w) + suffix[w.name] for w in local_wheels), 'tmp': tmp}
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -247,7 +240,7 @@ def main() -> int:
         manifest = json.loads(manifest_path.read_text())
     previous_id = manifest.get('id')
     if manifest.get('key') != key or not Path(str(manifest.get('tarball', ''))).is_file():
-        built = build(out, sources, sorted(args.extra), args.python_version, args.arch, args.glibc)
+        built = build(out, sources, args.python_version, args.arch, args.glibc, extras=sorted(args.extra))
         tmp = Path(str(built['tmp']))
         ident = wheels_hash(tmp)
         tarball = out.parent / f'{out.name}-{ident}.tar'
