@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from flowworker.settings import load_settings
+
 from .conftest import QUEUE, Stack, flowworker
 from .monitoring import TOKEN, MonitorProcess, known_mix
 from .servers import RedisServer, free_port
@@ -247,9 +249,26 @@ async def test_without_a_token_configured_cancel_is_refused_to_everyone(
 ) -> None:
     job_id = await stack.enqueue('demo.echo')
     env = {'DATABASE_URL': database['worker'], 'REDIS_URL': stack.env['REDIS_URL']}
-    with MonitorProcess(env, tmp_path) as process:
-        async with process.client(TOKEN) as client:
-            response = await client.post(f'{API}/tasks/{job_id}/cancel')
+    process = MonitorProcess(env, tmp_path)
+    async with process.client(TOKEN) as client:
+        response = await client.post(f'{API}/tasks/{job_id}/cancel')
+    assert process.stop() == 0  # SIGTERM
     assert response.status_code == 401
     assert response.json()['detail'] == 'cancel is disabled: the service has no MONITOR_TOKEN'
     assert await stack.redis.zcard(QUEUE) == 1
+
+
+def test_a_monitor_whose_port_is_taken_exits_1(redis_server: RedisServer, database: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = {'DATABASE_URL': database['worker'], 'REDIS_URL': redis_server.url, 'MONITOR_PORT': port}
+        result = flowworker('monitor', env=env)
+    assert result.returncode == 1
+    assert 'address already in use' in result.stderr
+
+
+def test_an_empty_token_disables_cancel_like_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('MONITOR_TOKEN', '')
+    assert load_settings().monitor_token is None

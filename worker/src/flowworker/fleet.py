@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, computed_field
 from redis.asyncio import Redis
@@ -25,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .heartbeat import KEY_PREFIX as HEARTBEAT_PREFIX
-from .schema import STATUSES
+from .schema import Status
 from .settings import QUEUE_KEY_PREFIX
 
 logger = logging.getLogger('flowworker.fleet')
@@ -34,8 +34,6 @@ logger = logging.getLogger('flowworker.fleet')
 WINDOWS = {'1m': 60, '5m': 300, '15m': 900}
 # the attempt statuses rates count: a job's end
 RATE_STATUSES = ('succeeded', 'failed', 'cancelled')
-Status = Literal['running', 'succeeded', 'failed', 'retrying', 'interrupted', 'cancelled', 'lost']
-assert set(Status.__args__) == set(STATUSES)  # type: ignore[attr-defined]
 SCAN_COUNT = 500
 
 
@@ -114,7 +112,7 @@ class Task(BaseModel):
     attempt: int
     flow: str
     queue: str
-    status: str
+    status: Status
     worker_id: str
     enqueued_at: datetime | None
     started_at: datetime
