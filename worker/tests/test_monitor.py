@@ -10,8 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from arq.connections import ArqRedis
+from fastapi.routing import APIRoute
 from prometheus_client.parser import text_string_to_metric_families
 
+from flowworker.infrastructure import Infrastructure, create_engine
+from flowworker.monitor import create_app
 from flowworker.settings import load_settings
 
 from .conftest import QUEUE, Stack, flowworker
@@ -204,6 +208,15 @@ ENDPOINTS = {
 async def test_the_openapi_document_lists_exactly_the_endpoints_and_they_answer(
     monitor: MonitorProcess,
 ) -> None:
+    settings = load_settings(database_url='postgresql://u:p@127.0.0.1:1/d', redis_url='redis://127.0.0.1:1')
+    infra = Infrastructure(settings, create_engine(settings), ArqRedis())  # connects to nothing
+    routes = {
+        route.path: {method.lower() for method in route.methods or ()}
+        for route in create_app(infra).routes
+        if isinstance(route, APIRoute)
+    }
+    await infra.shutdown()
+    assert routes == ENDPOINTS
     async with monitor.client() as client:
         document = (await client.get('/openapi.json')).json()
         assert {path: set(methods) for path, methods in document['paths'].items()} == ENDPOINTS

@@ -130,15 +130,17 @@ JOIN flow_task_attempts AS a ON a.finished_at > now() - make_interval(secs => w.
 WHERE a.status = ANY(CAST(:statuses AS text[]))
 GROUP BY w.secs, a.flow, a.status
 """)
-# a job's latest attempt, filtered by whichever of status, flow and age are given; newest first
+# jobs whose latest attempt (what the view flow_tasks shows) matches whichever of status, flow and
+# age are given: filtered first, then checked for a later attempt, rather than the whole view built
 TASKS = text("""
 SELECT job_id, attempt, flow, queue, status, worker_id, enqueued_at, started_at, finished_at,
        extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS runtime, error, result
-FROM flow_tasks
+FROM flow_task_attempts AS a
 WHERE (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
   AND (CAST(:flow AS text) IS NULL OR flow = CAST(:flow AS text))
   AND (CAST(:older_than AS float8) IS NULL
        OR started_at < now() - make_interval(secs => CAST(:older_than AS float8)))
+  AND NOT EXISTS (SELECT 1 FROM flow_task_attempts AS n WHERE n.job_id = a.job_id AND n.attempt > a.attempt)
 ORDER BY started_at DESC, job_id
 LIMIT :limit
 """)
