@@ -229,6 +229,9 @@ async def test_the_openapi_document_lists_exactly_the_endpoints_and_they_answer(
     assert document['info']['title'] == 'flowworker monitor'
     cancel = document['paths'][f'{API}/tasks/{{job_id}}/cancel']['post']
     assert set(cancel['responses']) >= {'200', '202', '401', '404', '409'}
+    for code in ('200', '202', '404', '409'):
+        schema = cancel['responses'][code]['content']['application/json']['schema']
+        assert schema == {'$ref': '#/components/schemas/Cancelled'}
     assert cancel['security'] == [{'HTTPBearer': []}]
 
 

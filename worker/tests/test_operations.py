@@ -7,6 +7,8 @@ import signal
 import socket
 import subprocess
 
+import pytest
+
 from .conftest import QUEUE, Stack, flowworker
 from .monitoring import known_mix
 
@@ -112,10 +114,6 @@ async def test_tasks_finds_stuck_ones(stack: Stack) -> None:
     failed = flowworker('tasks', '--flow', 'demo.fail', '--limit', '1', '--json', env=stack.env)
     assert [t['job_id'] for t in json.loads(failed.stdout)] in ([mix.failed[0]], [mix.failed[1]])
 
-    bad = flowworker('tasks', '--status', 'stuck', env=stack.env)
-    assert bad.returncode == 2
-    assert "argument --status: invalid choice: 'stuck'" in bad.stderr
-
 
 async def test_cancel_a_queued_then_a_running_job(stack: Stack) -> None:
     mix = await known_mix(stack)
@@ -184,6 +182,25 @@ async def test_purge_removes_queued_jobs_and_leaves_running_ones(stack: Stack) -
     )
     empty = flowworker('purge', '--queue', 'empty', env=stack.env, stdin='')
     assert (empty.returncode, empty.stdout) == (0, 'arq:queue:empty is empty; nothing to remove\n')
-    bad = flowworker('purge', '--queue', 'no spaces', '--yes', env=stack.env)
-    assert bad.returncode == 2
-    assert bad.stderr.startswith('flowworker: error: --queue: String should match pattern')
+
+
+# (arguments, the one line expected on stderr)
+BAD = [
+    (['tasks', '--status', 'stuck'], "argument --status: invalid choice: 'stuck'"),
+    (['tasks', '--older-than', '10x'], "argument --older-than: '10x' is not a duration"),
+    (['tasks', '--limit', '0'], "argument --limit: '0' is not a whole number of at least 1"),
+    (['cancel', 'job', '--wait', '-1'], "argument --wait: '-1' is not a number of seconds (0 or more)"),
+    (['cancel'], 'the following arguments are required: JOB_ID'),
+    (['purge'], 'the following arguments are required: --queue'),
+    (['purge', '--queue', 'no spaces', '--yes'], 'flowworker: error: --queue: String should match pattern'),
+    (['status', '--env-file', '/nonexistent/.env'], '--env-file /nonexistent/.env: no such file'),
+]
+
+
+@pytest.mark.parametrize(('args', 'message'), BAD, ids=[' '.join(args) for args, _ in BAD])
+def test_bad_options_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    env = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/d', 'REDIS_URL': 'redis://127.0.0.1:1/0'}
+    result = flowworker(*args, env=env, inherit=False)
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    assert message in line

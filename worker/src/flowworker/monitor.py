@@ -38,7 +38,7 @@ logger = logging.getLogger('flowworker.monitor')
 API = '/api/v1/task_queue'
 # seconds /healthz waits for each of Redis and PostgreSQL
 HEALTH_TIMEOUT = 5.0
-# seconds the monitor waits for Redis when it starts (then it exits 1 and its supervisor restarts it)
+# attempts, a second apart, to reach Redis at start (then it exits 1 and its supervisor restarts it)
 CONNECT_RETRIES = 30
 # seconds POST .../cancel waits for a worker to confirm
 CANCEL_WAIT = 10.0
@@ -230,6 +230,7 @@ def create_app(infra: Infrastructure) -> FastAPI:
         f'{API}/tasks/{{job_id}}/cancel',
         tags=['task queue'],
         dependencies=[Depends(_authorized)],
+        response_model=Cancelled,
         responses={
             202: {'model': Cancelled, 'description': 'requested; no worker has acted on it yet'},
             401: {'description': 'no valid bearer token (or no MONITOR_TOKEN configured)'},
@@ -257,7 +258,7 @@ def create_app(infra: Infrastructure) -> FastAPI:
         found = await fleet.fleet(infra.redis, infra.engine)
         return Response(generate_latest(FleetMetrics(found)), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get('/healthz', tags=['health'], responses={503: {'model': Health}})
+    @app.get('/healthz', tags=['health'], response_model=Health, responses={503: {'model': Health}})
     async def healthz(infra: Infra) -> JSONResponse:
         """200 when Redis and PostgreSQL answer; 503 naming the one that does not."""
         failed = await check_health(infra)
