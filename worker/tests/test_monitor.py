@@ -10,7 +10,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from arq.connections import ArqRedis
+from fastapi.routing import APIRoute
 from prometheus_client.parser import text_string_to_metric_families
+
+from flowworker.infrastructure import Infrastructure, create_engine
+from flowworker.monitor import create_app
+from flowworker.settings import load_settings
 
 from .conftest import QUEUE, Stack, flowworker
 from .monitoring import TOKEN, MonitorProcess, known_mix
@@ -202,6 +208,15 @@ ENDPOINTS = {
 async def test_the_openapi_document_lists_exactly_the_endpoints_and_they_answer(
     monitor: MonitorProcess,
 ) -> None:
+    settings = load_settings(database_url='postgresql://u:p@127.0.0.1:1/d', redis_url='redis://127.0.0.1:1')
+    infra = Infrastructure(settings, create_engine(settings), ArqRedis())  # connects to nothing
+    routes = {
+        route.path: {method.lower() for method in route.methods or ()}
+        for route in create_app(infra).routes
+        if isinstance(route, APIRoute)
+    }
+    await infra.shutdown()
+    assert routes == ENDPOINTS
     async with monitor.client() as client:
         document = (await client.get('/openapi.json')).json()
         assert {path: set(methods) for path, methods in document['paths'].items()} == ENDPOINTS
@@ -214,6 +229,9 @@ async def test_the_openapi_document_lists_exactly_the_endpoints_and_they_answer(
     assert document['info']['title'] == 'flowworker monitor'
     cancel = document['paths'][f'{API}/tasks/{{job_id}}/cancel']['post']
     assert set(cancel['responses']) >= {'200', '202', '401', '404', '409'}
+    for code in ('200', '202', '404', '409'):
+        schema = cancel['responses'][code]['content']['application/json']['schema']
+        assert schema == {'$ref': '#/components/schemas/Cancelled'}
     assert cancel['security'] == [{'HTTPBearer': []}]
 
 
@@ -247,9 +265,26 @@ async def test_without_a_token_configured_cancel_is_refused_to_everyone(
 ) -> None:
     job_id = await stack.enqueue('demo.echo')
     env = {'DATABASE_URL': database['worker'], 'REDIS_URL': stack.env['REDIS_URL']}
-    with MonitorProcess(env, tmp_path) as process:
-        async with process.client(TOKEN) as client:
-            response = await client.post(f'{API}/tasks/{job_id}/cancel')
+    process = MonitorProcess(env, tmp_path)
+    async with process.client(TOKEN) as client:
+        response = await client.post(f'{API}/tasks/{job_id}/cancel')
+    assert process.stop() == 0  # SIGTERM
     assert response.status_code == 401
     assert response.json()['detail'] == 'cancel is disabled: the service has no MONITOR_TOKEN'
     assert await stack.redis.zcard(QUEUE) == 1
+
+
+def test_a_monitor_whose_port_is_taken_exits_1(redis_server: RedisServer, database: dict[str, str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        env = {'DATABASE_URL': database['worker'], 'REDIS_URL': redis_server.url, 'MONITOR_PORT': port}
+        result = flowworker('monitor', env=env)
+    assert result.returncode == 1
+    assert 'address already in use' in result.stderr
+
+
+def test_an_empty_token_disables_cancel_like_none(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv('MONITOR_TOKEN', '')
+    assert load_settings().monitor_token is None

@@ -147,6 +147,16 @@ def _positive(value: str) -> int:
     return int(value)
 
 
+def _seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f'{value!r} is not a number of seconds (0 or more)')
+    return seconds
+
+
 def _duration(value: str) -> float:
     try:
         return parse_duration(value)
@@ -185,7 +195,7 @@ def _add_operations(commands: Any) -> None:
     cancel.add_argument('job_id', metavar='JOB_ID')
     cancel.add_argument(
         '--wait',
-        type=float,
+        type=_seconds,
         default=10.0,
         metavar='SECONDS',
         help='wait up to SECONDS for a worker to cancel it (10); exit 1 if none did',

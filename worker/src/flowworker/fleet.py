@@ -17,7 +17,7 @@ import logging
 import re
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, computed_field
 from redis.asyncio import Redis
@@ -25,7 +25,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .heartbeat import KEY_PREFIX as HEARTBEAT_PREFIX
-from .schema import STATUSES
+from .schema import Status
 from .settings import QUEUE_KEY_PREFIX
 
 logger = logging.getLogger('flowworker.fleet')
@@ -34,8 +34,6 @@ logger = logging.getLogger('flowworker.fleet')
 WINDOWS = {'1m': 60, '5m': 300, '15m': 900}
 # the attempt statuses rates count: a job's end
 RATE_STATUSES = ('succeeded', 'failed', 'cancelled')
-Status = Literal['running', 'succeeded', 'failed', 'retrying', 'interrupted', 'cancelled', 'lost']
-assert set(Status.__args__) == set(STATUSES)  # type: ignore[attr-defined]
 SCAN_COUNT = 500
 
 
@@ -114,7 +112,7 @@ class Task(BaseModel):
     attempt: int
     flow: str
     queue: str
-    status: str
+    status: Status
     worker_id: str
     enqueued_at: datetime | None
     started_at: datetime
@@ -132,15 +130,17 @@ JOIN flow_task_attempts AS a ON a.finished_at > now() - make_interval(secs => w.
 WHERE a.status = ANY(CAST(:statuses AS text[]))
 GROUP BY w.secs, a.flow, a.status
 """)
-# a job's latest attempt, filtered by whichever of status, flow and age are given; newest first
+# jobs whose latest attempt (what the view flow_tasks shows) matches whichever of status, flow and
+# age are given: filtered first, then checked for a later attempt, rather than the whole view built
 TASKS = text("""
 SELECT job_id, attempt, flow, queue, status, worker_id, enqueued_at, started_at, finished_at,
        extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS runtime, error, result
-FROM flow_tasks
+FROM flow_task_attempts AS a
 WHERE (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
   AND (CAST(:flow AS text) IS NULL OR flow = CAST(:flow AS text))
   AND (CAST(:older_than AS float8) IS NULL
        OR started_at < now() - make_interval(secs => CAST(:older_than AS float8)))
+  AND NOT EXISTS (SELECT 1 FROM flow_task_attempts AS n WHERE n.job_id = a.job_id AND n.attempt > a.attempt)
 ORDER BY started_at DESC, job_id
 LIMIT :limit
 """)

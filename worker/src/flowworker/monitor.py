@@ -8,10 +8,10 @@ is cancelling a job, and only for a caller with the bearer token ``MONITOR_TOKEN
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Any
 
 import uvicorn
@@ -27,8 +27,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import control, fleet, report
-from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, Infrastructure, describe_error, initialize
-from .operations import unreachable
+from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, Infrastructure, describe_error
+from .operations import connected, unreachable
+from .schema import Status
 from .settings import Settings
 from .version import VERSION
 
@@ -37,7 +38,7 @@ logger = logging.getLogger('flowworker.monitor')
 API = '/api/v1/task_queue'
 # seconds /healthz waits for each of Redis and PostgreSQL
 HEALTH_TIMEOUT = 5.0
-# seconds the monitor waits for Redis when it starts (then it exits 1 and its supervisor restarts it)
+# attempts, a second apart, to reach Redis at start (then it exits 1 and its supervisor restarts it)
 CONNECT_RETRIES = 30
 # seconds POST .../cancel waits for a worker to confirm
 CANCEL_WAIT = 10.0
@@ -184,23 +185,15 @@ async def _unreachable(request: Request, e: Exception) -> JSONResponse:
     return JSONResponse({'detail': detail}, status_code=503)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.infra = await initialize(settings, connect_retries=CONNECT_RETRIES)
-        try:
-            yield
-        finally:
-            await app.state.infra.shutdown()
-
+def create_app(infra: Infrastructure) -> FastAPI:
     app = FastAPI(
         title='flowworker monitor',
         version=VERSION,
         description='The flowworker fleet: live workers, queues, task records; cancel a job.',
-        lifespan=lifespan,
         docs_url=None,  # Swagger UI and ReDoc load from a CDN; /openapi.json is the document
         redoc_url=None,
     )
+    app.state.infra = infra
     for error in (RedisError, SQLAlchemyError, OSError):
         app.add_exception_handler(error, _unreachable)
 
@@ -218,7 +211,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get(f'{API}/tasks', tags=['task queue'])
     async def list_tasks(
         infra: Infra,
-        status: fleet.Status | None = None,
+        status: Status | None = None,
         flow: str | None = None,
         older_than: Annotated[
             str | None, Query(description='started more than this long ago: 90s, 10m, 2h, 1d')
@@ -237,6 +230,7 @@ def create_app(settings: Settings) -> FastAPI:
         f'{API}/tasks/{{job_id}}/cancel',
         tags=['task queue'],
         dependencies=[Depends(_authorized)],
+        response_model=Cancelled,
         responses={
             202: {'model': Cancelled, 'description': 'requested; no worker has acted on it yet'},
             401: {'description': 'no valid bearer token (or no MONITOR_TOKEN configured)'},
@@ -264,7 +258,7 @@ def create_app(settings: Settings) -> FastAPI:
         found = await fleet.fleet(infra.redis, infra.engine)
         return Response(generate_latest(FleetMetrics(found)), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get('/healthz', tags=['health'], responses={503: {'model': Health}})
+    @app.get('/healthz', tags=['health'], response_model=Health, responses={503: {'model': Health}})
     async def healthz(infra: Infra) -> JSONResponse:
         """200 when Redis and PostgreSQL answer; 503 naming the one that does not."""
         failed = await check_health(infra)
@@ -276,16 +270,38 @@ def create_app(settings: Settings) -> FastAPI:
     return app
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server; after a graceful stop on SIGTERM/SIGINT it returns (the command exits 0
+    once its connections are closed, as the worker does) instead of re-raising the signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
+
 def serve(settings: Settings) -> int:
-    """Serve the app until SIGTERM/SIGINT; 0, or 1 if it could not start (port taken, Redis down)."""
+    """Serve until SIGTERM/SIGINT; 0, or 1 if the server could not start (the port is taken).
+
+    Redis and PostgreSQL are connected first: :class:`operations.Unreachable` if Redis does not
+    answer within :data:`CONNECT_RETRIES` attempts.
+    """
     config: dict[str, Any] = {
         'host': settings.monitor_host,
         'port': settings.monitor_port,
-        'lifespan': 'on',  # a failed start-up (Redis unreachable) stops the server
         'log_config': None,  # our logging (logs.configure), not uvicorn's
         'access_log': False,
         'server_header': False,
     }
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), **config))
-    server.run()
-    return 0 if server.started else 1
+
+    async def main() -> bool:
+        async with connected(settings, CONNECT_RETRIES) as infra:
+            server = _Server(uvicorn.Config(create_app(infra), **config))
+            try:
+                await server.serve()
+            except SystemExit:  # uvicorn's way of saying it could not start; it has logged why
+                return False
+            return server.started
+
+    return 0 if asyncio.run(main()) else 1

@@ -42,10 +42,10 @@ def unreachable(e: BaseException) -> str:
 
 
 @asynccontextmanager
-async def connected(settings: Settings) -> AsyncIterator[Infrastructure]:
-    """Redis and PostgreSQL for one command: no waiting for them, a one-line error if they fail."""
+async def connected(settings: Settings, connect_retries: int = 0) -> AsyncIterator[Infrastructure]:
+    """Redis and PostgreSQL for one command (by default no waiting for them); one line if they fail."""
     try:
-        infra = await initialize(settings, connect_retries=0)
+        infra = await initialize(settings, connect_retries=connect_retries)
         try:
             yield infra
         finally:

@@ -8,6 +8,7 @@ lock by the schema owner; the worker itself only needs SELECT, INSERT and UPDATE
 from __future__ import annotations
 
 import logging
+from typing import Literal, get_args
 
 from sqlalchemy import text
 from sqlalchemy.exc import ProgrammingError
@@ -15,7 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 logger = logging.getLogger('flowworker.schema')
 
-STATUSES = ('running', 'succeeded', 'failed', 'retrying', 'interrupted', 'cancelled', 'lost')
+Status = Literal['running', 'succeeded', 'failed', 'retrying', 'interrupted', 'cancelled', 'lost']
+STATUSES: tuple[str, ...] = get_args(Status)
 FINAL_STATUSES = ('succeeded', 'failed', 'cancelled')
 
 # (version, statements); append only: a released migration is never edited
