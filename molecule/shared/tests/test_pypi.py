@@ -1,0 +1,59 @@
+"""pypi: flowworker from the scenario's package index at the pinned version, upgraded side by side."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import SCENARIO, VENV, heartbeats
+
+pytestmark = pytest.mark.skipif(SCENARIO != 'pypi', reason='pypi scenario only')
+
+# The first pinned version, and the one the side effect pinned next (molecule/pypi/host_vars).
+HOST_VARS = yaml.safe_load((Path(__file__).parents[2] / 'pypi' / 'host_vars' / 'arq-pypi.yml').read_text())
+PINNED = HOST_VARS['arq_worker_version']
+UPGRADE = HOST_VARS['pypi_test_upgrade_version']
+VERSIONS = '/opt/arq-worker/versions'
+
+
+def installed_version(host, venv: str) -> str:
+    code = "import importlib.metadata as m; print(m.version('flowworker'))"
+    return host.check_output(shlex.join([f'{venv}/bin/python', '-c', code]))
+
+
+def test_current_is_the_upgraded_pinned_version(host):
+    assert host.file(VENV).linked_to.startswith(f'{VERSIONS}/flowworker-{UPGRADE}-')
+    assert installed_version(host, VENV) == UPGRADE
+
+
+def test_the_first_version_stays_beside_it(host):
+    (first,) = host.check_output(f'ls -d {VERSIONS}/flowworker-{PINNED}-*').split()
+    assert installed_version(host, first) == PINNED
+
+
+def test_every_instance_runs_the_upgraded_version(host, hostname):
+    beats = heartbeats(host)
+    assert sorted(beats) == [f'{hostname}:arq-worker@{n}' for n in (1, 2)]
+    assert {beat['version'] for beat in beats.values()} == {UPGRADE}
+
+
+def test_the_wheels_came_from_the_index(host):
+    served = host.check_output('journalctl --no-pager -o cat -u pypi-test-index.service')
+    for version in (PINNED, UPGRADE):
+        assert f'GET /simple/flowworker/flowworker-{version}-py3-none-any.whl' in served
+    assert host.check_output('ls -A /opt/arq-worker/wheelhouse') == ''
+
+
+def test_pip_settings_are_readable_by_root_only(host):
+    conf = host.file('/etc/arq-worker/pip.conf')
+    assert (conf.user, conf.group, conf.mode) == ('root', 'root', 0o600)
+    lines = conf.content_string.splitlines()
+    password = HOST_VARS['pypi_test_index_password']
+    assert f'index-url = http://pypi-test:{password}@127.0.0.1:8080/simple/' in lines
+    assert 'trusted-host = 127.0.0.1' in lines
+    # the side effect's upgrade changed the options
+    assert [f'{k} = {v}' for k, v in HOST_VARS['pypi_test_upgrade_pip_options'].items()] == [
+        line for line in lines if line.startswith('timeout')
+    ]
