@@ -7,7 +7,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMPS := build/stamps
-LAB := -i inventories/lab
+# LAB_TLS=true: the lab with TLS for Redis and PostgreSQL (inventories/lab/group_vars/all/tls.yml)
+LAB := -i inventories/lab $(if $(LAB_TLS),-e lab_fleet_tls=$(LAB_TLS))
 # redis-server, postgresql: real servers for the worker tests; chromium: the test that renders the
 # monitor's /workers page; podman with runc, netavark, aardvark-dns (containers find each other by
 # name) and iptables (published ports), and debootstrap: the systemd test image and the lab fleet;

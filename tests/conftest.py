@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 import redis.asyncio
 import yaml
+from arq.connections import RedisSettings, create_pool
 
 ROOT = Path(__file__).resolve().parent.parent
 LAB = ROOT / 'inventories' / 'lab'
 # the ports lab-db publishes on the controller's loopback (inventories/lab/host_vars/lab-db.yml)
-REDIS_PORT, POSTGRESQL_PORT = 42379, 42432
+REDIS_PORT, REDIS_TLS_PORT, POSTGRESQL_PORT = 42379, 42380, 42432
 WORKERS = {'lab-worker-1': 3, 'lab-worker-2': 2}
 RECAP = re.compile(
     r'^(?P<host>\S+)\s+: ok=(?P<ok>\d+)\s+changed=(?P<changed>\d+)\s+unreachable=(?P<unreachable>\d+)'
@@ -82,18 +84,73 @@ class Lab:
     def secret(self, name: str) -> str:
         return str(self.vars('group_vars', 'all', 'stack.yml')[name])
 
+    @property
+    def tls(self) -> bool:
+        """The inventory turns TLS on (inventories/lab/group_vars/all/tls.yml)."""
+        return bool(self.vars('group_vars', 'all', 'tls.yml')['lab_fleet_tls'])
+
+    @property
+    def ca(self) -> Path:
+        """The lab CA that playbooks/lab.yml makes with lab_fleet_tls."""
+        return self.inventory / '.lab' / 'tls' / 'ca.crt'
+
     def redis_url(self) -> str:
-        return f'redis://:{self.secret("redis_server_password")}@127.0.0.1:{REDIS_PORT}/0'
+        scheme, port = ('rediss', REDIS_TLS_PORT) if self.tls else ('redis', REDIS_PORT)
+        return f'{scheme}://:{self.secret("redis_server_password")}@127.0.0.1:{port}/0'
+
+    def redis_tls(self) -> dict[str, Any]:
+        """With TLS: verify the server's certificate against the lab CA, and its name."""
+        return {'ssl_ca_certs': str(self.ca), 'ssl_check_hostname': True} if self.tls else {}
+
+    def redis_settings(self) -> RedisSettings:
+        """For a plain arq producer."""
+        settings = RedisSettings.from_dsn(self.redis_url())
+        for name, value in self.redis_tls().items():
+            setattr(settings, name, value)
+        return settings
 
     def worker_dsn(self) -> str:
         password = self.secret('postgresql_worker_password')
-        return f'postgresql://flow_worker:{password}@127.0.0.1:{POSTGRESQL_PORT}/flows'
+        tls = f'?sslmode=verify-full&sslrootcert={self.ca}' if self.tls else ''
+        return f'postgresql://flow_worker:{password}@127.0.0.1:{POSTGRESQL_PORT}/flows{tls}'
+
+    def run_flows(self, count: int) -> tuple[list[Any], list[asyncpg.Record]]:
+        """demo.echo flows from a plain arq producer: their results, and their task records once
+        every one is recorded as succeeded (records lag the jobs by the store's linger)."""
+
+        async def produce() -> tuple[list[Any], list[asyncpg.Record]]:
+            producer = await create_pool(self.redis_settings())
+            try:
+                queue = 'arq:queue:default'
+                jobs = [
+                    await producer.enqueue_job('run_flow', 'demo.echo', {'n': n}, _queue_name=queue)
+                    for n in range(count)
+                ]
+                results = [await job.result(timeout=120, poll_delay=0.1) for job in jobs if job is not None]
+                ids = [job.job_id for job in jobs if job is not None]
+            finally:
+                await producer.aclose()
+            db = await asyncpg.connect(self.worker_dsn())
+            try:
+                async with asyncio.timeout(30):
+                    while len(
+                        rows := await db.fetch(
+                            "SELECT * FROM flow_tasks WHERE job_id = ANY($1) AND status = 'succeeded'",
+                            ids,
+                        )
+                    ) < len(ids):
+                        await asyncio.sleep(0.2)
+            finally:
+                await db.close()
+            return results, rows
+
+        return asyncio.run(produce())
 
     def heartbeats(self) -> dict[str, dict[str, Any]]:
         """The live worker processes: heartbeat key → its JSON."""
 
         async def read() -> dict[str, dict[str, Any]]:
-            client = redis.asyncio.Redis.from_url(self.redis_url(), decode_responses=True)
+            client = redis.asyncio.Redis.from_url(self.redis_url(), decode_responses=True, **self.redis_tls())
             try:
                 keys = [key async for key in client.scan_iter('arq:worker:*')]
                 return {key: json.loads(await client.get(key) or '{}') for key in keys}

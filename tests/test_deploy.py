@@ -13,7 +13,6 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio
-from arq.connections import RedisSettings, create_pool
 from redis.exceptions import AuthenticationError, ResponseError
 
 from .conftest import REDIS_PORT, WORKERS, Lab, assert_deployed
@@ -33,32 +32,7 @@ def test_deploy_from_nothing_brings_every_service_up(deployed: Lab) -> None:
 def test_200_flows_from_a_plain_arq_producer_all_succeed_and_are_recorded(
     deployed: Lab,
 ) -> None:
-    async def produce() -> tuple[list[Any], list[asyncpg.Record]]:
-        producer = await create_pool(RedisSettings.from_dsn(deployed.redis_url()))
-        try:
-            jobs = [
-                await producer.enqueue_job('run_flow', 'demo.echo', {'n': n}, _queue_name='arq:queue:default')
-                for n in range(200)
-            ]
-            results = [await job.result(timeout=120, poll_delay=0.1) for job in jobs if job is not None]
-            ids = [job.job_id for job in jobs if job is not None]
-        finally:
-            await producer.aclose()
-        db = await asyncpg.connect(deployed.worker_dsn())
-        try:
-            async with asyncio.timeout(30):
-                while (
-                    rows := await db.fetch(
-                        "SELECT * FROM flow_tasks WHERE job_id = ANY($1) AND status = 'succeeded'",
-                        ids,
-                    )
-                ) and len(rows) < len(ids):
-                    await asyncio.sleep(0.2)
-        finally:
-            await db.close()
-        return results, rows
-
-    results, records = asyncio.run(produce())
+    results, records = deployed.run_flows(200)
     assert results == [{'n': n} for n in range(200)]
     assert len(records) == 200
     assert {r['worker_id'].split(':')[0] for r in records} <= set(WORKERS)

@@ -45,6 +45,15 @@ def test_tls_port_serves_authenticated_clients(host):
     assert config_get(host, 'tls-auth-clients') == 'no'
 
 
+def test_redis_reads_a_key_that_only_root_and_ssl_cert_may_read(host):
+    key = host.file(f'{TLS}/server.key')
+    assert (key.user, key.group, key.mode) == ('root', 'ssl-cert', 0o640)
+    assert 'ssl-cert' in host.user('redis').groups
+    pid = host.check_output('systemctl show --property=MainPID --value redis-server')
+    group = host.check_output('getent group ssl-cert').split(':')[2]
+    assert group in host.file(f'/proc/{pid}/status').content_string.split('Groups:')[1].split('\n')[0].split()
+
+
 @pytest.mark.parametrize(
     ('name', 'value'),
     [

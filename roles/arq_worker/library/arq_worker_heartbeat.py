@@ -9,12 +9,13 @@ module: arq_worker_heartbeat
 short_description: Read, wait for and delete flowworker heartbeat keys
 description:
   - Talks to the Redis that the workers use, with the C(REDIS_URL) read from the workers' env file on
-    the host, so no secret passes through Ansible.
+    the host, so no secret passes through Ansible. A C(rediss://) URL is verified against the env
+    file's C(REDIS_TLS_CA_CERTS) when it names one, as the workers verify it.
   - Must run with the worker virtualenv's python (it imports C(redis)), e.g.
     C(vars: ansible_python_interpreter: /opt/arq-worker/current/bin/python).
 options:
   env_file:
-    description: Env file that holds C(REDIS_URL).
+    description: Env file that holds C(REDIS_URL) (and C(REDIS_TLS_CA_CERTS) for TLS).
     type: path
     required: true
   action:
@@ -124,7 +125,10 @@ def main():
     url = env.get('REDIS_URL')
     if not url:
         module.fail_json(msg='REDIS_URL is not set in {}'.format(params['env_file']))
-    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
+    tls = {}
+    if url.startswith('rediss://') and env.get('REDIS_TLS_CA_CERTS'):
+        tls['ssl_ca_certs'] = env['REDIS_TLS_CA_CERTS']
+    client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10, **tls)
     result = {'changed': False, 'workers': {}, 'timed_out': [], 'deleted': []}
     action = params['action']
     deadline = time.monotonic() + params['timeout']
