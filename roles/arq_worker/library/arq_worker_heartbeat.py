@@ -58,6 +58,10 @@ deleted:
   description: Keys deleted (or that would be deleted in check mode).
   type: list
   returned: always
+elapsed:
+  description: Seconds the module waited (C(wait_idle), C(wait_pid)).
+  type: float
+  returned: always
 """
 
 import json
@@ -125,9 +129,10 @@ def main():
     if not url:
         module.fail_json(msg='REDIS_URL is not set in {}'.format(params['env_file']))
     client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10)
-    result = {'changed': False, 'workers': {}, 'timed_out': [], 'deleted': []}
+    result = {'changed': False, 'workers': {}, 'timed_out': [], 'deleted': [], 'elapsed': 0.0}
     action = params['action']
-    deadline = time.monotonic() + params['timeout']
+    started = time.monotonic()
+    deadline = started + params['timeout']
     try:
         if action == 'list':
             for key in client.scan_iter(match=KEY_PREFIX + params['match'], count=500):
@@ -161,9 +166,14 @@ def main():
                 ):
                     break
                 if time.monotonic() >= deadline:
+                    last = (
+                        'none'
+                        if payload is None
+                        else 'pid {} in state {}'.format(payload.get('pid'), payload.get('state'))
+                    )
                     module.fail_json(
-                        msg='no heartbeat from {} with pid {} within {} s'.format(
-                            worker_id, params['pid'], params['timeout']
+                        msg='no heartbeat from {} with pid {} within {:g} s (last heartbeat: {})'.format(
+                            worker_id, params['pid'], params['timeout'], last
                         ),
                         **result,
                     )
@@ -177,6 +187,7 @@ def main():
                 client.delete(*present)
     except redis.RedisError as exc:
         module.fail_json(msg=f'redis: {exc}', **result)
+    result['elapsed'] = round(time.monotonic() - started, 2)
     module.exit_json(**result)
 
 
