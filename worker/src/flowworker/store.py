@@ -11,8 +11,9 @@ round trip. Through SQLAlchemy's executemany the same write costs several times 
 thousands of jobs a second the worker has no CPU to spare.
 
 While PostgreSQL is unreachable the rows stay in memory, the flusher retries with back-off and
-:attr:`TaskStore.healthy` is false (the worker stops picking jobs). On start-up
-:meth:`TaskStore.reconcile` marks ``lost`` the attempts left ``running`` by processes that died.
+:attr:`TaskStore.healthy` is false (the worker stops picking jobs). On start-up, and every few
+heartbeat intervals after, :meth:`TaskStore.reconcile` marks ``lost`` the attempts left
+``running`` by processes that died.
 """
 
 from __future__ import annotations
@@ -141,16 +142,28 @@ class TaskStore:
         self.healthy = healthy
 
     async def reconcile(
-        self, redis: Redis, worker_id: str, heartbeat_key: Callable[[str], str], now: datetime
+        self,
+        redis: Redis,
+        worker_id: str,
+        heartbeat_key: Callable[[str], str],
+        now: datetime,
+        *,
+        starting: bool = True,
     ) -> list[str]:
-        """Mark ``lost`` the running attempts of this id's earlier life and of workers with no heartbeat.
+        """Mark ``lost`` the running attempts of workers with no heartbeat, and when ``starting``
+        those of this id's earlier life (this process has none yet).
 
         Returns the jobs whose lost attempt is their latest, which may run again at once.
         """
         async with self._engine.begin() as conn:
             running = text("SELECT DISTINCT worker_id FROM flow_task_attempts WHERE status = 'running'")
             owners = (await conn.scalars(running)).all()
-            dead = [w for w in owners if w == worker_id or not await redis.exists(heartbeat_key(w))]
+            dead = [
+                w
+                for w in owners
+                if (starting and w == worker_id)
+                or (w != worker_id and not await redis.exists(heartbeat_key(w)))
+            ]
             if not dead:
                 return []
             result = await conn.execute(

@@ -26,7 +26,7 @@ from arq import Worker
 from arq.constants import in_progress_key_prefix
 from arq.worker import func
 
-from .heartbeat import Heartbeat, JobCounts, heartbeat_key
+from .heartbeat import TTL_INTERVALS, Heartbeat, JobCounts, heartbeat_key
 from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, Infrastructure, backoff, describe_error
 from .registry import Registry
 from .runner import Runner, run_flow
@@ -208,6 +208,28 @@ async def _wait_for_database(infra: Infrastructure, timeout: float = 60.0) -> No
             await asyncio.sleep(delay)
 
 
+async def _release_lost_jobs(infra: Infrastructure, store: TaskStore, *, starting: bool) -> None:
+    """Mark ``lost`` the attempts of dead workers (see TaskStore.reconcile) and release their jobs."""
+    lost = await store.reconcile(
+        infra.redis, infra.settings.worker_id, heartbeat_key, datetime.now(UTC), starting=starting
+    )
+    if lost:
+        # their worker is gone: let arq run them again now rather than when the in-progress key expires
+        await infra.redis.delete(*(in_progress_key_prefix + job_id for job_id in lost))
+
+
+async def _sweep_lost_jobs(infra: Infrastructure, store: TaskStore) -> None:
+    """Every heartbeat TTL, release the jobs of workers whose heartbeat expired: a process that
+    died and did not come back (a host lost, a unit that stopped) would otherwise hold its jobs
+    until arq's in-progress key expires, about the longest job timeout."""
+    while True:
+        await asyncio.sleep(TTL_INTERVALS * infra.settings.heartbeat_interval)
+        try:
+            await _release_lost_jobs(infra, store, starting=False)
+        except (*REDIS_ERRORS, *DATABASE_ERRORS) as e:
+            logger.warning('cannot look for the jobs of dead workers: %s', describe_error(e))
+
+
 async def serve(infra: Infrastructure, registry: Registry) -> int:
     """Run a worker until it is signalled to stop; the exit code."""
     settings = infra.settings
@@ -220,14 +242,12 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
         infra=infra, registry=registry, store=store, heartbeat=heartbeat, wakeup=wakeup, jobs=jobs
     )
 
-    lost = await store.reconcile(infra.redis, settings.worker_id, heartbeat_key, datetime.now(UTC))
-    if lost:
-        # their worker is gone: let arq run them again now rather than when the in-progress key expires
-        await infra.redis.delete(*(in_progress_key_prefix + job_id for job_id in lost))
+    await _release_lost_jobs(infra, store, starting=True)
     await heartbeat.beat()
     background = [
         asyncio.create_task(store.run(), name='flowworker-store'),
         asyncio.create_task(heartbeat.run(), name='flowworker-heartbeat'),
+        asyncio.create_task(_sweep_lost_jobs(infra, store), name='flowworker-sweep'),
     ]
     await wakeup.start()
     logger.info(
