@@ -16,7 +16,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -142,6 +142,15 @@ def running_pids(lab: Lab) -> dict[str, int]:
     return {key: beat['pid'] for key, beat in lab.heartbeats().items() if beat['state'] == 'running'}
 
 
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def keys_of(host: str, count: int) -> set[str]:
     return {f'arq:worker:{host}:arq-worker@{n}' for n in range(1, count + 1)}
 
@@ -264,8 +273,10 @@ def test_a_scale_down_under_load_drains_and_loses_no_job(fleet: Lab) -> None:
     assert load.fewest_running('lab-worker-1') == 1
 
 
-def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_the_job_runs_again(fleet: Lab) -> None:
-    async def run() -> tuple[list[asyncpg.Record], Any]:
+def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_another_instance_runs_the_job(
+    fleet: Lab,
+) -> None:
+    async def run() -> tuple[str, list[asyncpg.Record], Any]:
         producer = await create_pool(RedisSettings.from_dsn(fleet.redis_url()))
         db = await asyncpg.connect(fleet.worker_dsn())
         try:
@@ -279,9 +290,20 @@ def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_the_job_runs_again(fl
                     )
                 ):
                     await asyncio.sleep(0.2)
-            host, unit = worker_id.split(':')
-            podman_exec(host, 'systemctl', 'kill', '--kill-whom=main', '--signal=SIGKILL', f'{unit}.service')
-            result = await job.result(timeout=120, poll_delay=0.5)
+            host, instance = worker_id.split(':')
+            # killed, and kept from coming back (systemd would restart it after 5 s, and a
+            # restarted instance releases its own jobs): the others must notice on their own
+            podman_exec(
+                host,
+                'sh',
+                '-c',
+                f'systemctl kill --kill-whom=main --signal=SIGKILL {instance}.service'
+                f' && systemctl stop {instance}.service',
+            )
+            try:
+                result = await job.result(timeout=120, poll_delay=0.5)
+            finally:
+                podman_exec(host, 'systemctl', 'start', f'{instance}.service')
             async with asyncio.timeout(30):
                 while (
                     rows := await db.fetch(
@@ -291,16 +313,19 @@ def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_the_job_runs_again(fl
                     )
                 ) and rows[-1]['status'] != 'succeeded':
                     await asyncio.sleep(0.2)
-            return [worker_id, *rows], result
+            return worker_id, rows, result
         finally:
             await db.close()
             await producer.aclose()
 
-    (killed, *attempts), result = asyncio.run(run())
+    killed, attempts, result = asyncio.run(run())
 
     assert result == {'slept': 10}
     assert [(a['attempt'], a['status']) for a in attempts] == [(1, 'lost'), (2, 'succeeded')], attempts
     assert attempts[0]['worker_id'] == killed
+    assert attempts[1]['worker_id'] != killed
+    back = keys_of('lab-worker-1', 1) | keys_of('lab-worker-2', FLEET['lab-worker-2'])
+    assert wait_until(lambda: set(running_pids(fleet)) == back), running_pids(fleet)
 
 
 def test_an_instance_that_cannot_start_stops_the_restart_on_its_host(fleet: Lab) -> None:

@@ -20,7 +20,8 @@ options:
   action:
     description:
       - C(list) returns the heartbeats whose worker id matches I(match).
-      - C(wait_idle) waits until every key in I(ids) reports C(jobs.running == 0) or is gone.
+      - C(wait_idle) waits until every key in I(ids) is gone or reports a state other than C(running)
+        (the process was quieted and picks no more jobs) and C(jobs.running == 0).
       - C(wait_pid) waits until the key of I(ids[0]) reports I(pid) with C(state=running).
       - C(delete) deletes the keys in I(ids).
     type: str
@@ -147,7 +148,10 @@ def main():
                 for worker_id in pending:
                     payload = load(client, worker_id)
                     result['workers'][worker_id] = payload
-                    if payload is not None and payload.get('jobs', {}).get('running', 0) > 0:
+                    # idle: gone, or quiet (no longer `running`, so it picks no more jobs) with none left
+                    if payload is not None and (
+                        payload.get('state') == 'running' or payload.get('jobs', {}).get('running', 0) > 0
+                    ):
                         still.append(worker_id)
                 pending = still
                 if not pending or time.monotonic() >= deadline:
