@@ -208,24 +208,30 @@ async def _wait_for_database(infra: Infrastructure, timeout: float = 60.0) -> No
             await asyncio.sleep(delay)
 
 
-async def _release_lost_jobs(infra: Infrastructure, store: TaskStore, *, starting: bool) -> None:
-    """Mark ``lost`` the attempts of dead workers (see TaskStore.reconcile) and release their jobs."""
-    lost = await store.reconcile(
-        infra.redis, infra.settings.worker_id, heartbeat_key, datetime.now(UTC), starting=starting
+async def _release_lost_jobs(
+    infra: Infrastructure, store: TaskStore, missing_before: set[str] | None = None
+) -> set[str]:
+    """Mark ``lost`` the attempts of dead workers and release their jobs (see TaskStore.reconcile);
+    the workers found without a heartbeat."""
+    lost, missing = await store.reconcile(
+        infra.redis, infra.settings.worker_id, heartbeat_key, datetime.now(UTC), missing_before=missing_before
     )
     if lost:
         # their worker is gone: let arq run them again now rather than when the in-progress key expires
         await infra.redis.delete(*(in_progress_key_prefix + job_id for job_id in lost))
+    return missing
 
 
 async def _sweep_lost_jobs(infra: Infrastructure, store: TaskStore) -> None:
-    """Every heartbeat TTL, release the jobs of workers whose heartbeat expired: a process that
-    died and did not come back (a host lost, a unit that stopped) would otherwise hold its jobs
-    until arq's in-progress key expires, about the longest job timeout."""
+    """Every heartbeat TTL, release the jobs of workers whose heartbeat is gone and stayed gone
+    since the previous look: a process that died and did not come back (a host lost, a unit
+    stopped) would otherwise hold its jobs until arq's in-progress key expires, about the
+    longest job timeout."""
+    missing: set[str] = set()
     while True:
         await asyncio.sleep(TTL_INTERVALS * infra.settings.heartbeat_interval)
         try:
-            await _release_lost_jobs(infra, store, starting=False)
+            missing = await _release_lost_jobs(infra, store, missing)
         except (*REDIS_ERRORS, *DATABASE_ERRORS) as e:
             logger.warning('cannot look for the jobs of dead workers: %s', describe_error(e))
 
@@ -242,7 +248,7 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
         infra=infra, registry=registry, store=store, heartbeat=heartbeat, wakeup=wakeup, jobs=jobs
     )
 
-    await _release_lost_jobs(infra, store, starting=True)
+    await _release_lost_jobs(infra, store)
     await heartbeat.beat()
     background = [
         asyncio.create_task(store.run(), name='flowworker-store'),
