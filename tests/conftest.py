@@ -112,10 +112,10 @@ def assert_deployed(run: Run) -> None:
     assert not any(counts['failed'] or counts['unreachable'] for counts in run.recap.values())
 
 
-def podman_exec(host: str, *argv: str) -> str:
+def podman_exec(host: str, *argv: str, check: bool = True) -> str:
     """Run a command in a lab container; its stdout."""
     return subprocess.run(
-        ['podman', 'exec', host, *argv], capture_output=True, text=True, check=True
+        ['podman', 'exec', host, *argv], capture_output=True, text=True, check=check
     ).stdout.strip()
 
 

@@ -292,6 +292,9 @@ def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_another_instance_runs
                 ):
                     await asyncio.sleep(0.2)
             host, instance = worker_id.split(':')
+            pid = podman_exec(
+                host, 'systemctl', 'show', '--property=MainPID', '--value', f'{instance}.service'
+            )
             # killed, and kept from coming back (systemd would restart it after 5 s, and a
             # restarted instance releases its own jobs): the others must notice on their own
             podman_exec(
@@ -300,6 +303,13 @@ def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_another_instance_runs
                 '-c',
                 f'systemctl kill --kill-whom=main --signal=SIGKILL {instance}.service'
                 f' && systemctl stop {instance}.service',
+            )
+            assert (
+                podman_exec(host, 'systemctl', 'is-active', f'{instance}.service', check=False) == 'inactive'
+            )
+            assert (
+                podman_exec(host, 'sh', '-c', f'kill -0 {pid} 2>/dev/null && echo alive || echo gone')
+                == 'gone'
             )
             try:
                 result = await job.result(timeout=120, poll_delay=0.5)
