@@ -169,6 +169,18 @@ def assert_deployed(run: Run) -> None:
     assert not any(counts['failed'] or counts['unreachable'] for counts in run.recap.values())
 
 
+def podman_exec(host: str, *argv: str, check: bool = True) -> str:
+    """Run a command in a lab container; its stdout."""
+    return subprocess.run(
+        ['podman', 'exec', host, *argv], capture_output=True, text=True, check=check
+    ).stdout.strip()
+
+
+def current_version(host: str) -> str:
+    """The worker version a host runs (the target of its `current` link)."""
+    return podman_exec(host, 'readlink', '/opt/arq-worker/current')
+
+
 @pytest.fixture(scope='session')
 def lab() -> Iterator[Lab]:
     """The lab fleet, made anew: containers from the image, nothing deployed yet."""

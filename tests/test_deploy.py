@@ -6,7 +6,6 @@ The tests run in file order on one lab: the first deploys from nothing, the rest
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pytest
 import redis.asyncio
 from redis.exceptions import AuthenticationError, ResponseError
 
-from .conftest import REDIS_PORT, WORKERS, Lab, assert_deployed
+from .conftest import REDIS_PORT, WORKERS, Lab, assert_deployed, current_version
 
 
 def test_deploy_from_nothing_brings_every_service_up(deployed: Lab) -> None:
@@ -86,15 +85,6 @@ def test_changing_one_hosts_count_changes_only_that_host(deployed: Lab, tmp_path
     assert down.changed_hosts() == {'lab-worker-2'}
     assert len(deployed.pids('lab-worker-2')) == 2
     assert deployed.pids('lab-worker-1') == before
-
-
-def current_version(host: str) -> str:
-    return subprocess.run(
-        ['podman', 'exec', host, 'readlink', '/opt/arq-worker/current'],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.strip()
 
 
 def test_a_release_whose_flows_do_not_import_never_goes_live(deployed: Lab, tmp_path: Path) -> None:

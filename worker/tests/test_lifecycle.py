@@ -126,6 +126,27 @@ async def test_a_killed_workers_job_is_marked_lost_and_runs_again(stack: Stack) 
     assert [a['status'] for a in await stack.attempts(job_id)] == ['lost', 'succeeded']
 
 
+async def test_a_dead_workers_job_is_released_by_a_living_one_once_its_heartbeat_expires(
+    stack: Stack,
+) -> None:
+    workers = {w.worker_id: w for w in [await stack.start_worker(), await stack.start_worker()]}
+    job_id = await stack.enqueue('demo.sleep', {'seconds': 30})
+    [first] = await stack.wait_for(lambda: stack.attempts(job_id), 10, 'the job to start')
+    killed = workers.pop(first['worker_id'])
+    [survivor] = workers.values()
+    os.kill(killed.pid, signal.SIGKILL)
+    killed.wait()
+
+    # nobody starts again: the survivor's sweeps (every 3 intervals of 1 s) find the heartbeat
+    # expired twice in a row and release the job, long before arq's in-progress key would expire
+    await stack.wait_final([job_id], timeout=60)
+    attempts = await stack.attempts(job_id)
+    assert [(a['status'], a['worker_id']) for a in attempts] == [
+        ('lost', killed.worker_id),
+        ('succeeded', survivor.worker_id),
+    ]
+
+
 async def test_the_guides_start_command_runs_from_a_checkout(stack: Stack) -> None:
     # `cd worker && python scripts/start_worker.py --max-jobs 5 --log-level DEBUG`, as the guide says
     worker = await stack.start_worker(

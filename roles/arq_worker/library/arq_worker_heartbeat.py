@@ -21,7 +21,8 @@ options:
   action:
     description:
       - C(list) returns the heartbeats whose worker id matches I(match).
-      - C(wait_idle) waits until every key in I(ids) reports C(jobs.running == 0) or is gone.
+      - C(wait_idle) waits until every key in I(ids) is gone or reports a state other than C(running)
+        (the process was quieted and picks no more jobs) and C(jobs.running == 0).
       - C(wait_pid) waits until the key of I(ids[0]) reports I(pid) with C(state=running).
       - C(delete) deletes the keys in I(ids).
     type: str
@@ -58,6 +59,10 @@ timed_out:
 deleted:
   description: Keys deleted (or that would be deleted in check mode).
   type: list
+  returned: always
+elapsed:
+  description: Seconds the module waited (C(wait_idle), C(wait_pid)).
+  type: float
   returned: always
 """
 
@@ -129,9 +134,10 @@ def main():
     if url.startswith('rediss://') and env.get('REDIS_TLS_CA_CERTS'):
         tls['ssl_ca_certs'] = env['REDIS_TLS_CA_CERTS']
     client = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=10, **tls)
-    result = {'changed': False, 'workers': {}, 'timed_out': [], 'deleted': []}
+    result = {'changed': False, 'workers': {}, 'timed_out': [], 'deleted': [], 'elapsed': 0.0}
     action = params['action']
-    deadline = time.monotonic() + params['timeout']
+    started = time.monotonic()
+    deadline = started + params['timeout']
     try:
         if action == 'list':
             for key in client.scan_iter(match=KEY_PREFIX + params['match'], count=500):
@@ -146,7 +152,10 @@ def main():
                 for worker_id in pending:
                     payload = load(client, worker_id)
                     result['workers'][worker_id] = payload
-                    if payload is not None and payload.get('jobs', {}).get('running', 0) > 0:
+                    # idle: gone, or quiet (no longer `running`, so it picks no more jobs) with none left
+                    if payload is not None and (
+                        payload.get('state') == 'running' or payload.get('jobs', {}).get('running', 0) > 0
+                    ):
                         still.append(worker_id)
                 pending = still
                 if not pending or time.monotonic() >= deadline:
@@ -165,9 +174,14 @@ def main():
                 ):
                     break
                 if time.monotonic() >= deadline:
+                    last = (
+                        'none'
+                        if payload is None
+                        else 'pid {} in state {}'.format(payload.get('pid'), payload.get('state'))
+                    )
                     module.fail_json(
-                        msg='no heartbeat from {} with pid {} within {} s'.format(
-                            worker_id, params['pid'], params['timeout']
+                        msg='no heartbeat from {} with pid {} within {:g} s (last heartbeat: {})'.format(
+                            worker_id, params['pid'], params['timeout'], last
                         ),
                         **result,
                     )
@@ -181,6 +195,7 @@ def main():
                 client.delete(*present)
     except redis.RedisError as exc:
         module.fail_json(msg=f'redis: {exc}', **result)
+    result['elapsed'] = round(time.monotonic() - started, 2)
     module.exit_json(**result)
 
 

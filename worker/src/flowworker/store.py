@@ -11,8 +11,9 @@ round trip. Through SQLAlchemy's executemany the same write costs several times 
 thousands of jobs a second the worker has no CPU to spare.
 
 While PostgreSQL is unreachable the rows stay in memory, the flusher retries with back-off and
-:attr:`TaskStore.healthy` is false (the worker stops picking jobs). On start-up
-:meth:`TaskStore.reconcile` marks ``lost`` the attempts left ``running`` by processes that died.
+:attr:`TaskStore.healthy` is false (the worker stops picking jobs). On start-up, and every few
+heartbeat intervals after, :meth:`TaskStore.reconcile` marks ``lost`` the attempts left
+``running`` by processes that died.
 """
 
 from __future__ import annotations
@@ -141,18 +142,34 @@ class TaskStore:
         self.healthy = healthy
 
     async def reconcile(
-        self, redis: Redis, worker_id: str, heartbeat_key: Callable[[str], str], now: datetime
-    ) -> list[str]:
-        """Mark ``lost`` the running attempts of this id's earlier life and of workers with no heartbeat.
+        self,
+        redis: Redis,
+        worker_id: str,
+        heartbeat_key: Callable[[str], str],
+        now: datetime,
+        *,
+        missing_before: set[str] | None = None,
+    ) -> tuple[list[str], set[str]]:
+        """Mark ``lost`` the running attempts of workers that are gone.
 
-        Returns the jobs whose lost attempt is their latest, which may run again at once.
+        At start-up (``missing_before`` None): this id's earlier life and every worker with no
+        heartbeat. In a later sweep: the workers with no heartbeat now that had none at the
+        previous sweep either (``missing_before``), so a worker that is only re-writing its
+        heartbeat after a Redis outage is not taken for dead.
+
+        Returns the jobs whose lost attempt is their latest, which may run again at once, and the
+        workers found without a heartbeat (the next sweep's ``missing_before``).
         """
         async with self._engine.begin() as conn:
             running = text("SELECT DISTINCT worker_id FROM flow_task_attempts WHERE status = 'running'")
             owners = (await conn.scalars(running)).all()
-            dead = [w for w in owners if w == worker_id or not await redis.exists(heartbeat_key(w))]
+            missing = {w for w in owners if w != worker_id and not await redis.exists(heartbeat_key(w))}
+            if missing_before is None:
+                dead = [w for w in owners if w == worker_id or w in missing]
+            else:
+                dead = sorted(missing & missing_before)
             if not dead:
-                return []
+                return [], missing
             result = await conn.execute(
                 text(
                     "UPDATE flow_task_attempts AS a SET status = 'lost', finished_at = :now, "
@@ -168,4 +185,4 @@ class TaskStore:
             logger.warning(
                 'marked %d task attempts lost from workers that are gone: %s', len(rows), ', '.join(dead)
             )
-        return [job_id for job_id, latest in rows if latest]
+        return [job_id for job_id, latest in rows if latest], missing

@@ -27,7 +27,7 @@ from arq.constants import in_progress_key_prefix
 from arq.jobs import deserialize_result
 from arq.worker import func
 
-from .heartbeat import Heartbeat, JobCounts, heartbeat_key
+from .heartbeat import TTL_INTERVALS, Heartbeat, JobCounts, heartbeat_key
 from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, Infrastructure, backoff, describe_error
 from .registry import Registry
 from .runner import Runner, run_flow
@@ -222,6 +222,34 @@ async def _wait_for_database(infra: Infrastructure, timeout: float = 60.0) -> No
             await asyncio.sleep(delay)
 
 
+async def _release_lost_jobs(
+    infra: Infrastructure, store: TaskStore, missing_before: set[str] | None = None
+) -> set[str]:
+    """Mark ``lost`` the attempts of dead workers and release their jobs (see TaskStore.reconcile);
+    the workers found without a heartbeat."""
+    lost, missing = await store.reconcile(
+        infra.redis, infra.settings.worker_id, heartbeat_key, datetime.now(UTC), missing_before=missing_before
+    )
+    if lost:
+        # their worker is gone: let arq run them again now rather than when the in-progress key expires
+        await infra.redis.delete(*(in_progress_key_prefix + job_id for job_id in lost))
+    return missing
+
+
+async def _sweep_lost_jobs(infra: Infrastructure, store: TaskStore) -> None:
+    """Every heartbeat TTL, release the jobs of workers whose heartbeat is gone and stayed gone
+    since the previous look: a process that died and did not come back (a host lost, a unit
+    stopped) would otherwise hold its jobs until arq's in-progress key expires, about the
+    longest job timeout."""
+    missing: set[str] = set()
+    while True:
+        await asyncio.sleep(TTL_INTERVALS * infra.settings.heartbeat_interval)
+        try:
+            missing = await _release_lost_jobs(infra, store, missing)
+        except (*REDIS_ERRORS, *DATABASE_ERRORS) as e:
+            logger.warning('cannot look for the jobs of dead workers: %s', describe_error(e))
+
+
 async def serve(infra: Infrastructure, registry: Registry) -> int:
     """Run a worker until it is signalled to stop; the exit code."""
     settings = infra.settings
@@ -234,14 +262,12 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
         infra=infra, registry=registry, store=store, heartbeat=heartbeat, wakeup=wakeup, jobs=jobs
     )
 
-    lost = await store.reconcile(infra.redis, settings.worker_id, heartbeat_key, datetime.now(UTC))
-    if lost:
-        # their worker is gone: let arq run them again now rather than when the in-progress key expires
-        await infra.redis.delete(*(in_progress_key_prefix + job_id for job_id in lost))
+    await _release_lost_jobs(infra, store)
     await heartbeat.beat()
     background = [
         asyncio.create_task(store.run(), name='flowworker-store'),
         asyncio.create_task(heartbeat.run(), name='flowworker-heartbeat'),
+        asyncio.create_task(_sweep_lost_jobs(infra, store), name='flowworker-sweep'),
     ]
     await wakeup.start()
     logger.info(

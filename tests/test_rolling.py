@@ -1,0 +1,371 @@
+"""Restarts and scale changes under load against the lab fleet: no job lost, gated on health.
+
+A producer on the controller enqueues `demo.sleep` flows of 0.2-3 s the whole time a playbook
+runs, while a sampler reads the heartbeats; afterwards every job must have run exactly once and
+succeeded (PostgreSQL's flow_task_attempts), and each host must have kept N-1 of its N
+instances running at every sampled moment. The tests run in file order on one fleet (3
+instances on each worker host, from a copy of the lab inventory); the lab's own inventory is
+deployed again at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import pytest
+import redis.asyncio
+from arq.connections import RedisSettings, create_pool
+
+from .conftest import WORKERS, Lab, ansible_playbook, assert_deployed, current_version, podman_exec
+
+FLEET = {'lab-worker-1': 3, 'lab-worker-2': 3}
+QUEUE = 'arq:queue:default'
+ROLLING_RESTART = 'playbooks/rolling_restart.yml'
+# seconds a job may take to be recorded after the load stopped (generous: the machine is shared)
+SETTLE_TIMEOUT = 180
+
+
+class Load:
+    """`demo.sleep` flows of 0.2-3 s enqueued every 1/rate s, and heartbeats sampled, in a thread."""
+
+    def __init__(self, lab: Lab, rate: float = 4.0, sample_every: float = 0.2) -> None:
+        self.lab = lab
+        self.rate = rate
+        self.sample_every = sample_every
+        self.job_ids: list[str] = []
+        # (monotonic time, {host: instances whose heartbeat says `running`})
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name='load')
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        time.sleep(3)  # the fleet is busy before the playbook starts
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None and kind is None:
+            raise self._error
+
+    async def _run(self) -> None:
+        try:
+            await asyncio.gather(self._produce(), self._sample())
+        except BaseException as e:  # reported by __exit__ in the test's thread
+            self._error = e
+
+    async def _produce(self) -> None:
+        producer = await create_pool(RedisSettings.from_dsn(self.lab.redis_url()))
+        try:
+            while not self._stop.is_set():
+                seconds = round(random.uniform(0.2, 3.0), 2)
+                job = await producer.enqueue_job(
+                    'run_flow', 'demo.sleep', {'seconds': seconds}, _queue_name=QUEUE
+                )
+                assert job is not None
+                self.job_ids.append(job.job_id)
+                await asyncio.sleep(1 / self.rate)
+        finally:
+            await producer.aclose()
+
+    async def _sample(self) -> None:
+        client = redis.asyncio.Redis.from_url(self.lab.redis_url(), decode_responses=True)
+        try:
+            while not self._stop.is_set():
+                keys = [key async for key in client.scan_iter('arq:worker:*')]
+                beats = [b for b in await client.mget(keys) if b] if keys else []
+                running: dict[str, int] = {}
+                for raw in beats:
+                    beat = json.loads(raw)
+                    if beat.get('state') == 'running':
+                        running[beat['host']] = running.get(beat['host'], 0) + 1
+                self.samples.append((time.monotonic(), running))
+                await asyncio.sleep(self.sample_every)
+        finally:
+            await client.aclose()
+
+    def fewest_running(self, host: str) -> int:
+        return min(running.get(host, 0) for _, running in self.samples)
+
+    def attempts(self) -> dict[str, list[asyncpg.Record]]:
+        """Every attempt of every job, once each job has a final one (or SETTLE_TIMEOUT passed)."""
+
+        async def read() -> dict[str, list[asyncpg.Record]]:
+            db = await asyncpg.connect(self.lab.worker_dsn())
+            try:
+                deadline = time.monotonic() + SETTLE_TIMEOUT
+                while True:
+                    rows = await db.fetch(
+                        'SELECT job_id, attempt, status, worker_id, error FROM flow_task_attempts '
+                        'WHERE job_id = ANY($1) ORDER BY job_id, attempt',
+                        self.job_ids,
+                    )
+                    done = {r['job_id'] for r in rows if r['status'] in ('succeeded', 'failed', 'cancelled')}
+                    if len(done) == len(self.job_ids) or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(1)
+            finally:
+                await db.close()
+            out: dict[str, list[asyncpg.Record]] = {job_id: [] for job_id in self.job_ids}
+            for row in rows:
+                out[row['job_id']].append(row)
+            return out
+
+        return asyncio.run(read())
+
+    def assert_every_job_succeeded_once(self) -> None:
+        assert len(self.job_ids) >= 20, 'the load was too thin to show anything'
+        attempts = self.attempts()
+        wrong = {
+            job_id: [(r['attempt'], r['status'], r['worker_id'], r['error']) for r in rows]
+            for job_id, rows in attempts.items()
+            if [r['status'] for r in rows] != ['succeeded']
+        }
+        assert not wrong, f'{len(wrong)} of {len(attempts)} jobs did not succeed exactly once: {wrong}'
+
+
+def running_pids(lab: Lab) -> dict[str, int]:
+    return {key: beat['pid'] for key, beat in lab.heartbeats().items() if beat['state'] == 'running'}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def keys_of(host: str, count: int) -> set[str]:
+    return {f'arq:worker:{host}:arq-worker@{n}' for n in range(1, count + 1)}
+
+
+@pytest.fixture(scope='module')
+def fleet(deployed: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    """The lab with 3 instances on each worker host (a copied inventory); the lab's own inventory
+    is deployed again afterwards."""
+    fleet = deployed.copy(tmp_path_factory.mktemp('rolling') / 'inventory')
+    fleet.set_vars('host_vars/lab-worker-2.yml', {'arq_worker_instances': FLEET['lab-worker-2']})
+    assert_deployed(fleet.deploy())
+    yield fleet
+    assert_deployed(deployed.deploy())
+    assert set(deployed.heartbeats()) == set().union(*(keys_of(h, n) for h, n in WORKERS.items()))
+
+
+def test_rolling_restart_under_load_loses_no_job_and_keeps_n_minus_1_running(fleet: Lab) -> None:
+    before = running_pids(fleet)
+    assert set(before) == set().union(*(keys_of(h, n) for h, n in FLEET.items()))
+
+    with Load(fleet) as load:
+        run = ansible_playbook(fleet.inventory, ROLLING_RESTART)
+
+    assert run.returncode == 0, run.output[-5000:]
+    after = running_pids(fleet)
+    assert set(after) == set(before)
+    assert all(after[key] != before[key] for key in before), (before, after)
+    reports = re.findall(
+        r'(arq-worker@\d\.service): drained in ([0-9.]+) s \((.*?)\), stopped, started', run.output
+    )
+    assert len(reports) == sum(FLEET.values()), run.output[-5000:]
+    load.assert_every_job_succeeded_once()
+    for host, instances in FLEET.items():
+        # N-1 at the worst moment: never fewer, and the sampler did see the restarts
+        assert load.fewest_running(host) == instances - 1, (host, load.samples)
+
+
+def test_check_mode_and_limit_report_the_instances_and_touch_nothing(fleet: Lab) -> None:
+    before = running_pids(fleet)
+
+    check = ansible_playbook(fleet.inventory, ROLLING_RESTART, '--check', '--limit', 'lab-worker-2')
+    skipped = ansible_playbook(fleet.inventory, ROLLING_RESTART, '--skip-tags', 'arq_worker_restart')
+
+    assert check.returncode == 0, check.output[-5000:]
+    assert set(check.recap) == {'lab-worker-2'}
+    for n in range(1, FLEET['lab-worker-2'] + 1):
+        assert f'arq-worker@{n}.service: would quiet it, drain it' in check.output, check.output[-5000:]
+    assert skipped.returncode == 0, skipped.output[-5000:]
+    assert skipped.changed_hosts() == set()
+    assert running_pids(fleet) == before
+
+
+def flow_package(root: Path) -> Path:
+    """A flow package to deploy with the worker: a new release (its wheelhouse, so its version, is new)."""
+    package = root / 'extra-flows'
+    (package / 'extra_flows').mkdir(parents=True)
+    (package / 'pyproject.toml').write_text(
+        '[project]\nname = "extra-flows"\nversion = "1.0"\n[build-system]\nrequires = ["setuptools"]\n'
+        'build-backend = "setuptools.build_meta"\n'
+    )
+    (package / 'extra_flows' / '__init__.py').write_text(
+        'from flowworker import flow\n\n\n'
+        "@flow('extra.version')\n"
+        'async def version() -> str:\n'
+        "    return 'extra-flows 1.0'\n"
+    )
+    return package
+
+
+def test_a_new_worker_version_deployed_under_load_loses_no_job(
+    fleet: Lab, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    before = running_pids(fleet)
+    versions = {host: current_version(host) for host in FLEET}
+    package = flow_package(tmp_path_factory.mktemp('release'))
+    fleet.set_vars(
+        'group_vars/arq_workers.yml',
+        {'arq_worker_flow_packages': [str(package)], 'arq_worker_flow_modules': ['extra_flows']},
+    )
+
+    with Load(fleet) as load:
+        run = fleet.deploy()
+
+    assert_deployed(run)
+    assert all(current_version(host) != versions[host] for host in FLEET)
+    after = running_pids(fleet)
+    assert set(after) == set(before)
+    assert all(after[key] != before[key] for key in before), (before, after)
+    load.assert_every_job_succeeded_once()
+    for host, instances in FLEET.items():
+        assert load.fewest_running(host) == instances - 1, (host, load.samples)
+
+    async def new_flow() -> Any:
+        producer = await create_pool(RedisSettings.from_dsn(fleet.redis_url()))
+        try:
+            job = await producer.enqueue_job('run_flow', 'extra.version', {}, _queue_name=QUEUE)
+            assert job is not None
+            return await job.result(timeout=60, poll_delay=0.2)
+        finally:
+            await producer.aclose()
+
+    assert asyncio.run(new_flow()) == 'extra-flows 1.0'
+
+
+def test_a_scale_down_under_load_drains_and_loses_no_job(fleet: Lab) -> None:
+    before = running_pids(fleet)
+    fleet.set_vars('host_vars/lab-worker-1.yml', {'arq_worker_instances': 1})
+
+    with Load(fleet) as load:
+        run = fleet.deploy('--limit', 'lab-worker-1')  # as the README says to scale one host
+
+    assert run.returncode == 0, run.output[-5000:]
+    assert set(run.recap) == {'lab-worker-1'}
+    assert run.recap['lab-worker-1']['changed'] > 0
+    after = running_pids(fleet)
+    kept = keys_of('lab-worker-1', 1) | keys_of('lab-worker-2', FLEET['lab-worker-2'])
+    assert set(after) == kept
+    assert {key: after[key] for key in kept} == {key: before[key] for key in kept}
+    load.assert_every_job_succeeded_once()
+    assert load.fewest_running('lab-worker-2') == FLEET['lab-worker-2']
+    assert load.fewest_running('lab-worker-1') == 1
+
+
+def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_another_instance_runs_the_job(
+    fleet: Lab,
+) -> None:
+    async def run() -> tuple[str, list[asyncpg.Record], Any]:
+        producer = await create_pool(RedisSettings.from_dsn(fleet.redis_url()))
+        db = await asyncpg.connect(fleet.worker_dsn())
+        try:
+            job = await producer.enqueue_job('run_flow', 'demo.sleep', {'seconds': 10}, _queue_name=QUEUE)
+            assert job is not None
+            async with asyncio.timeout(60):
+                while not (
+                    worker_id := await db.fetchval(
+                        "SELECT worker_id FROM flow_task_attempts WHERE job_id = $1 AND status = 'running'",
+                        job.job_id,
+                    )
+                ):
+                    await asyncio.sleep(0.2)
+            host, instance = worker_id.split(':')
+            pid = podman_exec(
+                host, 'systemctl', 'show', '--property=MainPID', '--value', f'{instance}.service'
+            )
+            # killed, and kept from coming back (systemd would restart it after 5 s, and a
+            # restarted instance releases its own jobs): the others must notice on their own
+            podman_exec(
+                host,
+                'sh',
+                '-c',
+                f'systemctl kill --kill-whom=main --signal=SIGKILL {instance}.service'
+                f' && systemctl stop {instance}.service',
+            )
+            assert (
+                podman_exec(host, 'systemctl', 'is-active', f'{instance}.service', check=False) == 'inactive'
+            )
+            assert (
+                podman_exec(host, 'sh', '-c', f'kill -0 {pid} 2>/dev/null && echo alive || echo gone')
+                == 'gone'
+            )
+            try:
+                result = await job.result(timeout=120, poll_delay=0.5)
+            finally:
+                podman_exec(host, 'systemctl', 'start', f'{instance}.service')
+            async with asyncio.timeout(30):
+                while (
+                    rows := await db.fetch(
+                        'SELECT attempt, status, worker_id FROM flow_task_attempts '
+                        'WHERE job_id = $1 ORDER BY attempt',
+                        job.job_id,
+                    )
+                ) and rows[-1]['status'] != 'succeeded':
+                    await asyncio.sleep(0.2)
+            return worker_id, rows, result
+        finally:
+            await db.close()
+            await producer.aclose()
+
+    killed, attempts, result = asyncio.run(run())
+
+    assert result == {'slept': 10}
+    assert [(a['attempt'], a['status']) for a in attempts] == [(1, 'lost'), (2, 'succeeded')], attempts
+    assert attempts[0]['worker_id'] == killed
+    assert attempts[1]['worker_id'] != killed
+    back = keys_of('lab-worker-1', 1) | keys_of('lab-worker-2', FLEET['lab-worker-2'])
+    assert wait_until(lambda: set(running_pids(fleet)) == back), running_pids(fleet)
+
+
+def test_an_instance_that_cannot_start_stops_the_restart_on_its_host(fleet: Lab) -> None:
+    host = 'lab-worker-2'
+    podman_exec(
+        host,
+        'sh',
+        '-c',
+        'echo \'raise RuntimeError("this flow module is broken")\' > /srv/arq-worker/broken_flows.py'
+        " && sed -i 's/^FLOWWORKER_FLOW_MODULES=.*/FLOWWORKER_FLOW_MODULES=broken_flows/'"
+        ' /etc/arq-worker/worker.env',
+    )
+    before = running_pids(fleet)
+    try:
+        run = ansible_playbook(
+            fleet.inventory, ROLLING_RESTART, '-e', 'arq_worker_restart_heartbeat_timeout=20'
+        )
+
+        assert run.returncode != 0
+        assert f'arq-worker@1.service on {host} did not come back healthy' in run.output, run.output[-5000:]
+        assert 'this flow module is broken' in run.output
+        assert run.recap[host]['failed'] == 1
+        after = running_pids(fleet)
+        # the first host was restarted; on the broken one, instance 1 is down and 2, 3 run on untouched
+        assert after[f'arq:worker:{host}:arq-worker@2'] == before[f'arq:worker:{host}:arq-worker@2']
+        assert after[f'arq:worker:{host}:arq-worker@3'] == before[f'arq:worker:{host}:arq-worker@3']
+        assert f'arq:worker:{host}:arq-worker@1' not in after
+        assert after['arq:worker:lab-worker-1:arq-worker@1'] != before['arq:worker:lab-worker-1:arq-worker@1']
+    finally:
+        podman_exec(host, 'rm', '-f', '/srv/arq-worker/broken_flows.py')
+        assert_deployed(fleet.deploy())  # the env file is written again and the instances restarted
+    assert set(running_pids(fleet)) == keys_of('lab-worker-1', 1) | keys_of(host, FLEET[host])
