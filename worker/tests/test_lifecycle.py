@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -54,6 +55,38 @@ async def running_sleep(stack: Stack, seconds: float, *worker_args: str) -> tupl
     job_id = await stack.enqueue('demo.sleep', {'seconds': seconds})
     await stack.wait_for(lambda: stack.attempts(job_id), 10, 'the job to start')
     return worker, job_id
+
+
+async def redis_calls(stack: Stack, *commands: str) -> int:
+    stats = await stack.redis.info('commandstats')
+    return sum(int(stats.get(f'cmdstat_{command}', {}).get('calls', 0)) for command in commands)
+
+
+async def test_a_worker_with_a_running_job_and_free_slots_does_not_spin_on_the_queue(stack: Stack) -> None:
+    worker, job_id = await running_sleep(stack, 3)
+    before = await redis_calls(stack, 'zrange', 'zrangebyscore')
+
+    await asyncio.sleep(1.5)
+
+    # its own job stays in the queue, due, while it runs: the worker must not poll it in a loop
+    # (about two reads per wake-up, and the safety-net wake-up comes once a second)
+    assert await redis_calls(stack, 'zrange', 'zrangebyscore') - before <= 12
+    [task] = await stack.wait_final([job_id])
+    assert task['status'] == 'succeeded'
+    assert worker.stop() == 0
+
+
+async def test_a_deferred_job_starts_when_it_is_due_while_another_runs(stack: Stack) -> None:
+    worker, running = await running_sleep(stack, 3)
+    deferred = await stack.enqueue('demo.echo', _defer_by=0.5)
+
+    [task] = await stack.wait_final([deferred], timeout=10)
+
+    assert task['worker_id'] == worker.worker_id
+    assert (task['started_at'] - task['enqueued_at']).total_seconds() >= 0.4
+    [first] = await stack.wait_final([running])
+    assert first['status'] == 'succeeded'
+    assert task['finished_at'] < first['finished_at']
 
 
 async def test_sigterm_lets_a_running_job_finish_then_exits_0(stack: Stack) -> None:

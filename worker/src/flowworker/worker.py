@@ -129,14 +129,22 @@ class FlowWorker(Worker):
         await asyncio.sleep(delay)
 
     async def _idle_wait(self) -> None:
-        """Wait until a job may be startable: a queued job, a free slot, or the next deferred job."""
+        """Wait until a job may be startable: a queued job, a free slot, or the next deferred job.
+
+        The jobs already due were just tried: they run (arq keeps a job in its queue until it
+        ends), here or elsewhere, or wait for a free slot. Only a job due later is a reason to
+        wake by the clock; waking for the due ones would spin as long as any job runs.
+        """
         if not self.wakeup.listening:
             timeout = self.settings.poll_delay
         else:
             timeout = MAX_IDLE_WAIT
-            head = await self.pool.zrange(self.queue_name, 0, 0, withscores=True)
-            if head:
-                timeout = min(timeout, max(head[0][1] / 1000 - time.time(), 0.0))
+            now = time.time()
+            deferred = await self.pool.zrangebyscore(
+                self.queue_name, f'({now * 1000:.0f}', '+inf', start=0, num=1, withscores=True
+            )
+            if deferred:
+                timeout = min(timeout, max(deferred[0][1] / 1000 - now, 0.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wakeup.event.wait(), timeout)
 
