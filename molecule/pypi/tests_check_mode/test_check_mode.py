@@ -7,10 +7,18 @@ from __future__ import annotations
 
 MARKER = '/run/pypi-test-before-check'
 # Where the role writes: files, the user and group in /etc, Debian packages. The journal and
-# the logs of the host's Redis and PostgreSQL change on their own; apt logs its planner's
-# answer even for a simulated install (check mode; a real install shows in /var/lib/dpkg).
+# the logs of the host's Redis and PostgreSQL change on their own, sshd records each of
+# Ansible's logins (lastlog, wtmp); apt logs its planner's answer even for a simulated install
+# (check mode; a real install shows in /var/lib/dpkg).
 WATCHED = '/etc /opt /srv /usr /var/lib/dpkg /var/lib/apt /var/log'
-NOT_OURS = ('/var/log/journal', '/var/log/postgresql', '/var/log/redis', '/var/log/apt')
+NOT_OURS = (
+    '/var/log/journal',
+    '/var/log/postgresql',
+    '/var/log/redis',
+    '/var/log/apt',
+    '/var/log/lastlog',
+    '/var/log/wtmp',
+)
 
 
 def test_no_file_was_written(host):
