@@ -20,6 +20,7 @@ packages, with the extras they were built with: ``flowworker[monitor]``), tarbal
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -233,36 +234,40 @@ def main() -> int:
         'glibc': args.glibc,
         'extras': sorted(args.extra),
     }
-    manifest_path = out / 'manifest.json'
-    changed = False
-    manifest: dict[str, object] = {}
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-    previous_id = manifest.get('id')
-    if manifest.get('key') != key or not Path(str(manifest.get('tarball', ''))).is_file():
-        built = build(out, sources, args.python_version, args.arch, args.glibc, extras=sorted(args.extra))
-        tmp = Path(str(built['tmp']))
-        ident = wheels_hash(tmp)
-        tarball = out.parent / f'{out.name}-{ident}.tar'
-        with tarfile.open(tarball, 'w') as tar:
-            for wheel in sorted(tmp.glob('*.whl')):
-                tar.add(wheel, arcname=wheel.name)
-        manifest = {
-            'key': key,
-            'id': ident,
-            'packages': built['packages'],
-            'tarball': str(tarball),
-            'wheels': sorted(w.name for w in tmp.glob('*.whl')),
-        }
-        (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=2) + '\n')
-        if out.exists():
-            old = manifest_path.is_file() and json.loads(manifest_path.read_text()).get('tarball')
-            shutil.rmtree(out)
-            if old and old != str(tarball):
-                Path(old).unlink(missing_ok=True)
-        tmp.rename(out)
-        # reproducible wheels: unchanged sources rebuild to the same id, which is no change
-        changed = ident != previous_id
+    # one build at a time per wheelhouse: runs from one controller (two playbooks, or test
+    # scenarios side by side) wait for each other, then find it built
+    with (out.parent / f'.{out.name}.lock').open('w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest_path = out / 'manifest.json'
+        changed = False
+        manifest: dict[str, object] = {}
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+        previous_id = manifest.get('id')
+        if manifest.get('key') != key or not Path(str(manifest.get('tarball', ''))).is_file():
+            built = build(out, sources, args.python_version, args.arch, args.glibc, extras=sorted(args.extra))
+            tmp = Path(str(built['tmp']))
+            ident = wheels_hash(tmp)
+            tarball = out.parent / f'{out.name}-{ident}.tar'
+            with tarfile.open(tarball, 'w') as tar:
+                for wheel in sorted(tmp.glob('*.whl')):
+                    tar.add(wheel, arcname=wheel.name)
+            manifest = {
+                'key': key,
+                'id': ident,
+                'packages': built['packages'],
+                'tarball': str(tarball),
+                'wheels': sorted(w.name for w in tmp.glob('*.whl')),
+            }
+            (tmp / 'manifest.json').write_text(json.dumps(manifest, indent=2) + '\n')
+            if out.exists():
+                old = manifest_path.is_file() and json.loads(manifest_path.read_text()).get('tarball')
+                shutil.rmtree(out)
+                if old and old != str(tarball):
+                    Path(old).unlink(missing_ok=True)
+            tmp.rename(out)
+            # reproducible wheels: unchanged sources rebuild to the same id, which is no change
+            changed = ident != previous_id
     print(json.dumps({'changed': changed, **{k: v for k, v in manifest.items() if k != 'key'}}))
     return 0
 
