@@ -1,4 +1,5 @@
-"""deploy.yml against the lab fleet: from nothing, again, with one host rescaled, with bad inventories.
+"""deploy.yml against the lab fleet: from nothing, with a broken release, again, with one host
+rescaled, with bad inventories.
 
 The tests run in file order on one lab: the first deploys from nothing, the rest build on it.
 """
@@ -61,33 +62,9 @@ def test_redis_rejects_a_client_without_the_password(deployed: Lab) -> None:
         asyncio.run(ping())
 
 
-def test_a_second_deploy_changes_nothing(deployed: Lab) -> None:
-    run = deployed.deploy()
-    assert_deployed(run)
-    assert run.changed_hosts() == set(), run.output[-5000:]
-
-
-def test_changing_one_hosts_count_changes_only_that_host(deployed: Lab, tmp_path: Path) -> None:
-    before = deployed.pids('lab-worker-1')
-    scaled = deployed.copy(tmp_path / 'inventory')
-    scaled.set_vars('host_vars/lab-worker-2.yml', {'arq_worker_instances': 3})
-
-    up = scaled.deploy()
-
-    assert_deployed(up)
-    assert up.changed_hosts() == {'lab-worker-2'}
-    assert deployed.pids('lab-worker-1') == before
-    assert len(deployed.pids('lab-worker-2')) == 3
-
-    down = deployed.deploy()  # the lab's own inventory: back to 2
-
-    assert_deployed(down)
-    assert down.changed_hosts() == {'lab-worker-2'}
-    assert len(deployed.pids('lab-worker-2')) == 2
-    assert deployed.pids('lab-worker-1') == before
-
-
-def test_a_release_whose_flows_do_not_import_never_goes_live(deployed: Lab, tmp_path: Path) -> None:
+def test_a_broken_release_never_goes_live_and_a_second_deploy_changes_nothing(
+    deployed: Lab, tmp_path: Path
+) -> None:
     package = tmp_path / 'broken-flows'
     (package / 'broken_flows').mkdir(parents=True)
     (package / 'pyproject.toml').write_text(
@@ -110,9 +87,31 @@ def test_a_release_whose_flows_do_not_import_never_goes_live(deployed: Lab, tmp_
     assert run.returncode != 0
     assert 'this release is broken' in run.output
     assert {host: (deployed.pids(host), current_version(host)) for host in WORKERS} == before
-    restored = deployed.deploy()
-    assert_deployed(restored)
+    # the lab's own inventory again: its second deploy, which must change nothing at all
+    again = deployed.deploy()
+    assert_deployed(again)
+    assert again.changed_hosts() == set(), again.output[-5000:]
     assert {host: (deployed.pids(host), current_version(host)) for host in WORKERS} == before
+
+
+def test_changing_one_hosts_count_changes_only_that_host(deployed: Lab, tmp_path: Path) -> None:
+    before = deployed.pids('lab-worker-1')
+    scaled = deployed.copy(tmp_path / 'inventory')
+    scaled.set_vars('host_vars/lab-worker-2.yml', {'arq_worker_instances': 3})
+
+    up = scaled.deploy()
+
+    assert_deployed(up)
+    assert up.changed_hosts() == {'lab-worker-2'}
+    assert deployed.pids('lab-worker-1') == before
+    assert len(deployed.pids('lab-worker-2')) == 3
+
+    down = deployed.deploy()  # the lab's own inventory: back to 2
+
+    assert_deployed(down)
+    assert down.changed_hosts() == {'lab-worker-2'}
+    assert len(deployed.pids('lab-worker-2')) == 2
+    assert deployed.pids('lab-worker-1') == before
 
 
 # (inventory file, variables, what the error says)
