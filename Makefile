@@ -14,7 +14,6 @@ LAB := -i inventories/lab $(if $(LAB_TLS),-e lab_fleet_tls=$(LAB_TLS))
 # name) and iptables (published ports), and debootstrap: the systemd test image and the lab fleet;
 # openssh-client: Ansible reaches the lab
 APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-dns iptables debootstrap openssh-client
-SCENARIOS := $(patsubst molecule/%/molecule.yml,%,$(wildcard molecule/*/molecule.yml))
 
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
@@ -69,13 +68,14 @@ lint: bootstrap ## static checks: ruff, mypy --strict, role docs, example invent
 test-worker: bootstrap ## worker tests against a real redis-server and PostgreSQL
 	cd worker && pytest -q
 
-test-roles: image ## molecule scenarios: every role on real systemd containers
-	for scenario in $(SCENARIOS); do molecule test -s $$scenario; done
+test-roles: image ## molecule scenarios on real systemd containers, side by side (SCENARIO="a b" for some)
+	python tests/suite.py roles $(SCENARIO)
 
-test-e2e: image ## end-to-end: ansible-playbook against the lab fleet, made from nothing
-	pytest -q tests
+test-e2e: image ## end-to-end: ansible-playbook against the lab fleet, made from nothing (K=expr for some)
+	python tests/suite.py e2e $(if $(K),-k '$(K)')
 
-test: lint test-worker test-roles test-e2e ## everything: static checks and all test layers
+test: image ## everything: lint, worker, molecule and end-to-end side by side, with a time table
+	python tests/suite.py
 
 bench: bootstrap ## benchmarks: throughput against bare arq, idle latency and CPU, memory
 	cd worker && python -m bench.bench
