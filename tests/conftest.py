@@ -198,14 +198,17 @@ def keys_of(host: str, count: int) -> set[str]:
     return {f'arq:worker:{host}:arq-worker@{n}' for n in range(1, count + 1)}
 
 
+# the heartbeat keys of every worker instance of the lab's inventory
+LAB_KEYS: set[str] = set().union(*(keys_of(host, count) for host, count in WORKERS.items()))
+
+
 def runs_as_its_inventory_says(lab: Lab) -> bool:
     """Every worker instance of the lab's inventory beats, running, and no other."""
     try:
         beats = lab.heartbeats()
     except (OSError, redis.exceptions.RedisError):
         return False
-    wanted = set().union(*(keys_of(host, count) for host, count in WORKERS.items()))
-    return set(beats) == wanted and all(beat.get('state') == 'running' for beat in beats.values())
+    return set(beats) == LAB_KEYS and all(beat.get('state') == 'running' for beat in beats.values())
 
 
 @pytest.fixture(scope='session')

@@ -27,7 +27,7 @@ import redis.asyncio
 from arq.connections import RedisSettings, create_pool
 
 from .conftest import (
-    WORKERS,
+    LAB_KEYS,
     Lab,
     ansible_playbook,
     assert_deployed,
@@ -171,7 +171,7 @@ def fleet(deployed: Lab, tmp_path_factory: pytest.TempPathFactory) -> Iterator[L
     # the last test deploys the lab's own inventory; again here when it could not
     if not runs_as_its_inventory_says(deployed):
         assert_deployed(deployed.deploy())
-    assert set(deployed.heartbeats()) == set().union(*(keys_of(h, n) for h, n in WORKERS.items()))
+    assert set(deployed.heartbeats()) == LAB_KEYS
 
 
 def test_rolling_restart_under_load_loses_no_job_and_keeps_n_minus_1_running(fleet: Lab) -> None:
@@ -376,4 +376,4 @@ def test_an_instance_that_cannot_start_stops_the_restart_on_its_host(deployed: L
         # the lab's own inventory, the module's last deploy: the env file is written again and
         # every instance of the lab comes back, the broken one included
         assert_deployed(deployed.deploy())
-    assert set(running_pids(deployed)) == set().union(*(keys_of(h, n) for h, n in WORKERS.items()))
+    assert set(running_pids(deployed)) == LAB_KEYS
