@@ -1,5 +1,7 @@
-"""The ``flowworker`` command: ``worker``, ``enqueue``, ``db upgrade``, ``monitor``, and the operators'
-``status``, ``tasks``, ``cancel`` and ``purge`` (see ``operations.py``).
+"""The ``flowworker`` command: ``worker``, ``enqueue``, ``db upgrade``, ``monitor``, the operators'
+``status``, ``tasks``, ``cancel`` and ``purge``, and ``heartbeat list|wait-idle|wait-pid|delete``,
+which the Ansible role runs to read, await and remove heartbeat keys (one JSON object on stdout,
+always; see ``operations.py``).
 
 Exit codes: 0 done, 1 failed at run time, 2 bad usage or settings (one line on stderr naming the
 option or variable; nothing is started), 3 ``status`` found a queue with jobs and no live worker.
@@ -212,6 +214,41 @@ def _add_operations(commands: Any) -> None:
     purge.add_argument('--yes', action='store_true', help='do not ask (for scripts)')
     _add_env_file(purge)
 
+    _add_heartbeat(commands)
+
+
+def _add_heartbeat(commands: Any) -> None:
+    beats = commands.add_parser(
+        'heartbeat',
+        help='read, await or delete heartbeat keys arq:worker:<worker-id> (for deploy tools; JSON out)',
+        description='Read, await or delete the heartbeat keys arq:worker:<worker-id>, for deploy tools. '
+        'Prints one JSON object on stdout, also on a timeout or an error (then with "msg", exit 1); '
+        'needs the Redis settings only.',
+    )
+    actions = beats.add_subparsers(dest='heartbeat_command', required=True, parser_class=Parser)
+    listed = actions.add_parser('list', help='{"workers": {id: heartbeat}} (SCAN, never KEYS)')
+    listed.add_argument('--match', default='*', metavar='GLOB', help="worker ids matching GLOB ('*')")
+    idle = actions.add_parser(
+        'wait-idle',
+        help='wait until each key is gone, or says a state other than running with no job running; '
+        'exit 0 also when some did not, listed in "timed_out"',
+    )
+    idle.add_argument('worker_ids', nargs='+', metavar='ID')
+    pid = actions.add_parser(
+        'wait-pid', help='wait until the key of ID says pid N in state running; exit 1 if it did not'
+    )
+    pid.add_argument('worker_id', metavar='ID')
+    pid.add_argument('--pid', type=_positive, required=True, metavar='N', help='the process id')
+    for waiting in (idle, pid):
+        waiting.add_argument(
+            '--timeout', type=_seconds, required=True, metavar='SECONDS', help='wait at most SECONDS'
+        )
+    delete = actions.add_parser('delete', help='delete the keys; {"deleted": [ids whose key existed]}')
+    delete.add_argument('worker_ids', nargs='+', metavar='ID')
+    delete.add_argument('--dry-run', action='store_true', help='delete nothing, report what would be')
+    for action in (listed, idle, pid, delete):
+        _add_env_file(action)
+
 
 def _settings(
     args: argparse.Namespace, fields: Sequence[str], options: Mapping[str, str] | None = None
@@ -345,6 +382,23 @@ def run_purge(args: argparse.Namespace) -> int:
     return operations.purge(_settings(args, ('queue_name',), {'queue_name': '--queue'}), args.yes)
 
 
+def run_heartbeat(args: argparse.Namespace) -> int:
+    try:
+        settings = _settings(args, ())
+        settings.require_redis()
+    except SettingsError as e:
+        print(json.dumps({'msg': str(e)}))  # the JSON the caller parses; _run prints the line, exits 2
+        raise
+    command = args.heartbeat_command
+    if command == 'list':
+        return operations.heartbeat_list(settings, args.match)
+    if command == 'wait-idle':
+        return operations.heartbeat_wait_idle(settings, args.worker_ids, args.timeout)
+    if command == 'wait-pid':
+        return operations.heartbeat_wait_pid(settings, args.worker_id, args.pid, args.timeout)
+    return operations.heartbeat_delete(settings, args.worker_ids, args.dry_run)
+
+
 def _run(command: Any, args: argparse.Namespace, prog: str) -> int:
     try:
         return int(command(args))
@@ -376,5 +430,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         'tasks': run_tasks,
         'cancel': run_cancel,
         'purge': run_purge,
+        'heartbeat': run_heartbeat,
     }[args.command]
     return _run(command, args, 'flowworker')

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .heartbeat import KEY_PREFIX as HEARTBEAT_PREFIX
+from . import heartbeat
 from .schema import Status
 from .settings import QUEUE_KEY_PREFIX
 
@@ -163,18 +163,17 @@ def _worker(raw: bytes, now: datetime) -> Worker:
 
 async def workers(redis: Redis) -> list[Worker]:
     """The live worker processes, by worker id."""
-    keys = await _scan(redis, HEARTBEAT_PREFIX + '*')
-    if not keys:
-        return []
     now = datetime.now(UTC)
     found = []
-    for key, raw in zip(keys, await redis.mget(keys), strict=True):
-        if raw is None:
-            continue  # the process stopped between SCAN and MGET
+    for worker_id, raw in (await heartbeat.beats(redis)).items():
         try:
             found.append(_worker(raw, now))
         except (ValueError, KeyError, TypeError, ValidationError) as e:
-            logger.warning('ignoring heartbeat %s that is not a flowworker heartbeat: %s', key, e)
+            logger.warning(
+                'ignoring heartbeat %s that is not a flowworker heartbeat: %s',
+                heartbeat.heartbeat_key(worker_id),
+                e,
+            )
     return found
 
 

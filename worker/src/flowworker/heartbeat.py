@@ -2,7 +2,12 @@
 
 The value is JSON (host, pid, queue, max_jobs, state, job counts, start and beat times); the key
 expires after three intervals, so a killed process drops out on its own, and a process that
-stops cleanly deletes it. ``KEYS arq:worker:*`` (better: ``SCAN``) lists the live fleet.
+stops cleanly deletes it. ``SCAN arq:worker:*`` (never ``KEYS``) lists the live fleet.
+
+:class:`Heartbeat` writes a process's own key. The readers below are the one place anything else
+reads the keys: ``fleet.py`` (``flowworker status``, the monitoring service) and ``flowworker
+heartbeat`` (``list``, ``wait-idle``, ``wait-pid``, ``delete``), which the Ansible role runs to
+drain, restart and scale instances.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -29,6 +34,12 @@ logger = logging.getLogger('flowworker.heartbeat')
 
 KEY_PREFIX = 'arq:worker:'
 TTL_INTERVALS = 3
+SCAN_COUNT = 500
+# seconds between reads while waiting for workers to go idle, or for a new process's first beat
+IDLE_POLL = 0.5
+PID_POLL = 0.25
+
+Payload = dict[str, Any]
 
 
 def heartbeat_key(worker_id: str) -> str:
@@ -99,3 +110,118 @@ class Heartbeat:
             logger.warning(
                 'cannot delete heartbeat %s, it expires in %ds: %s', self._key, self._ttl, describe_error(e)
             )
+
+
+# --- reading the fleet's heartbeats ---------------------------------------------------------
+
+
+def decode(raw: bytes) -> Payload:
+    """A heartbeat's JSON object; a value that is not one as ``{'raw': <the value>}``."""
+    text = raw.decode('utf-8', 'replace')
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        payload = None
+    return payload if isinstance(payload, dict) else {'raw': text}
+
+
+async def beats(redis: Redis, match: str = '*') -> dict[str, bytes]:
+    """The raw heartbeats of the worker ids that match the glob ``match``, by worker id (SCAN + MGET)."""
+    keys = sorted({key async for key in redis.scan_iter(match=heartbeat_key(match), count=SCAN_COUNT)})
+    if not keys:
+        return {}
+    values = await redis.mget(keys)
+    return {
+        key.decode('utf-8', 'replace').removeprefix(KEY_PREFIX): raw
+        for key, raw in zip(keys, values, strict=True)
+        if raw is not None  # the process stopped between SCAN and MGET
+    }
+
+
+async def read(redis: Redis, worker_ids: Sequence[str]) -> dict[str, Payload | None]:
+    """The heartbeats of ``worker_ids``; ``None`` where there is none (or the key holds no string)."""
+    if not worker_ids:
+        return {}
+    values = await redis.mget([heartbeat_key(worker_id) for worker_id in worker_ids])
+    return {
+        worker_id: None if raw is None else decode(raw)
+        for worker_id, raw in zip(worker_ids, values, strict=True)
+    }
+
+
+def running_jobs(payload: Payload) -> int:
+    jobs = payload.get('jobs')
+    running = jobs.get('running', 0) if isinstance(jobs, dict) else 0
+    return running if isinstance(running, int) else 0
+
+
+def idle(payload: Payload | None) -> bool:
+    """Gone, or no longer ``running`` (the process picks no more jobs) with no job left running."""
+    return payload is None or (payload.get('state') != 'running' and running_jobs(payload) == 0)
+
+
+def reports_pid(payload: Payload | None, pid: int) -> bool:
+    """The process ``pid`` beats and picks jobs."""
+    return payload is not None and payload.get('pid') == pid and payload.get('state') == 'running'
+
+
+@dataclass
+class Waited:
+    workers: dict[str, Payload | None]  # the last heartbeat read of each, None: no key
+    pending: list[str]  # not in the awaited state when the time was up
+    elapsed: float  # seconds, rounded to 0.01
+
+
+async def _poll(
+    redis: Redis,
+    worker_ids: Sequence[str],
+    done: Callable[[Payload | None], bool],
+    timeout: float,
+    interval: float,
+) -> Waited:
+    """Read the pending heartbeats every ``interval`` until each is ``done`` or ``timeout`` is up."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    seen: dict[str, Payload | None] = dict.fromkeys(worker_ids)
+    pending = list(seen)
+    while True:
+        found = await read(redis, pending)
+        seen.update(found)
+        pending = [worker_id for worker_id in pending if not done(found[worker_id])]
+        remaining = started + timeout - loop.time()
+        if not pending or remaining <= 0:
+            return Waited(seen, pending, round(loop.time() - started, 2))
+        await asyncio.sleep(min(interval, remaining))  # the last read falls on the deadline
+
+
+async def wait_idle(
+    redis: Redis, worker_ids: Sequence[str], timeout: float, interval: float = IDLE_POLL
+) -> Waited:
+    """Wait until every one of ``worker_ids`` is :func:`idle`; ``pending``: those that were not."""
+    return await _poll(redis, worker_ids, idle, timeout, interval)
+
+
+async def wait_pid(
+    redis: Redis, worker_id: str, pid: int, timeout: float, interval: float = PID_POLL
+) -> Waited:
+    """Wait until ``worker_id``'s heartbeat comes from process ``pid`` in state ``running``."""
+    return await _poll(redis, [worker_id], lambda payload: reports_pid(payload, pid), timeout, interval)
+
+
+def no_heartbeat(worker_id: str, pid: int, timeout: float, last: Payload | None) -> str:
+    """Why :func:`wait_pid` timed out, naming what the key last said."""
+    seen = 'none' if last is None else f'pid {last.get("pid")} in state {last.get("state")}'
+    return f'no heartbeat from {worker_id} with pid {pid} within {timeout:g} s (last heartbeat: {seen})'
+
+
+async def delete(redis: Redis, worker_ids: Sequence[str], dry_run: bool = False) -> list[str]:
+    """The worker ids whose heartbeat key existed; their keys deleted unless ``dry_run``."""
+    unique = list(dict.fromkeys(worker_ids))
+    async with redis.pipeline(transaction=False) as pipe:
+        for worker_id in unique:
+            if dry_run:
+                pipe.exists(heartbeat_key(worker_id))
+            else:
+                pipe.delete(heartbeat_key(worker_id))
+        counts = await pipe.execute()
+    return [worker_id for worker_id, count in zip(unique, counts, strict=True) if count]
