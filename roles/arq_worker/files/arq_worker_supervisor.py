@@ -5,7 +5,8 @@
 extension adds ``arq_worker.syncGroup(name)``: it re-reads the configuration files and brings
 the running group ``name`` in line with them process by process:
 
-- processes new in the configuration are added (and started by supervisord if autostart);
+- processes new in the configuration are added, stopped (the caller starts them, in its own
+  order: supervisord's autostart applies when it starts, not to processes added here);
 - processes gone from the configuration are removed if they are stopped (stop them first);
 - processes whose configuration changed are replaced if they are stopped, else reported in
   ``stale`` (the caller restarts them: stop, syncGroup, start);
@@ -56,6 +57,8 @@ class ArqWorkerNamespaceRPCInterface:
         if group is None:
             if new is not None:
                 supervisord.add_process_group(new)
+                for process in supervisord.process_groups[name].processes.values():
+                    _hold(process)
                 result['group_added'] = True
                 result['added'] = sorted(p.name for p in new.process_configs)
             return result
@@ -84,11 +87,18 @@ class ArqWorkerNamespaceRPCInterface:
                 result['stale'].append(pname)
                 continue
             pconfig.create_autochildlogs()
-            group.processes[pname] = pconfig.make_process(group)
+            group.processes[pname] = _hold(pconfig.make_process(group))
             result['replaced' if process is not None else 'added'].append(pname)
         if not result['stale']:
             group.config = new
         return result
+
+
+def _hold(process):
+    """Keep supervisord from autostarting ``process``: it autostarts a stopped process that was
+    never started (``laststart`` 0); ``startProcess`` starts it as usual."""
+    process.laststart = 1
+    return process
 
 
 def make_rpcinterface(supervisord, **config):

@@ -1,0 +1,214 @@
+"""Check the rules that span the arq_worker variables and derive the pools, on the controller.
+
+Types and choices are checked by meta/argument_specs.yml before this runs. This checks what
+spans variables, in one task, and fails with the first rule broken, naming the variable (for a
+pool, ``arq_worker_pools[i].<key>``, and the role variable it came from) and the accepted values.
+It returns the pools with their defaults filled in, their prefix, count, unit or program names
+and max_jobs; ``tasks/validate.yml`` publishes them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from ansible.plugins.action import ActionBase
+
+_spec = importlib.util.spec_from_file_location(
+    'arq_worker_role_plan', Path(__file__).resolve().parent.parent / 'module_utils' / 'arq_worker_plan.py'
+)
+assert _spec is not None
+assert _spec.loader is not None
+_plan = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_plan)
+
+DSN = re.compile(r'^postgres(ql)?://[^/]+/.+')
+REDIS_URL = re.compile(r'^(redis|rediss|unix)://.+')
+POOL_NAME = re.compile(r'^[a-z0-9_]{1,32}$')
+QUEUE = re.compile(r'^[A-Za-z0-9_.:-]+$')
+ENV_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
+LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
+
+
+class Invalid(Exception):
+    pass
+
+
+def _int(value: Any) -> int:
+    """Jinja's ``int``: a number, or 0."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        try:
+            return int(float(value))
+        except (TypeError, ValueError):
+            return 0
+
+
+def _float(value: Any) -> float:
+    """Jinja's ``float``: a number, or 0.0."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def pools(raw_pools: list[dict[str, Any]], defaults: dict[str, Any], manager: str, vcpus: int) -> list[dict]:
+    out = []
+    for index, raw in enumerate(raw_pools):
+        pool = {**defaults, **raw}
+        per_core = _int(pool['max_jobs_per_core'])
+        prefix = _plan.prefix_of(str(pool['name']))
+        count = _int(pool['instances'])
+        out.append(
+            {
+                **pool,
+                'prefix': prefix,
+                'count': count,
+                'names': [i.name for i in _plan.Pool(prefix, count, 0).instances(manager)],
+                'index': index,
+                'max_jobs': per_core * vcpus if per_core > 0 else pool['max_jobs'],
+            }
+        )
+    return out
+
+
+def _instances_ok(value: Any) -> bool:
+    whole = isinstance(value, int) or re.match(r'^[0-9]+$', str(value)) is not None
+    return whole and 0 <= _int(value) <= 99
+
+
+# Per pool, in this order: the key named, whether the pool passes, what the message says after
+# "arq_worker_pools[i].<key> (from arq_worker_<key>) ".
+POOL_RULES: list[tuple[str, Any, Any]] = [
+    (
+        'name',
+        lambda p: POOL_NAME.match(str(p['name'])),
+        lambda p: f"must match [a-z0-9_]{{1,32}} (it names units and programs); got '{p['name']}'.",
+    ),
+    (
+        'queue',
+        lambda p: QUEUE.match(str(p['queue'])),
+        lambda p: f"must match [A-Za-z0-9_.:-]+; got '{p['queue']}'.",
+    ),
+    (
+        'instances',
+        lambda p: _instances_ok(p['instances']),
+        lambda p: f"must be an integer from 0 to 99; got '{p['instances']}'.",
+    ),
+    (
+        'max_jobs',
+        lambda p: _int(p['max_jobs']) >= 1 and _int(p['max_jobs_per_core']) >= 0,
+        lambda p: (
+            'must be >= 1 and max_jobs_per_core >= 0; '
+            f'got max_jobs {p["max_jobs"]}, max_jobs_per_core {p["max_jobs_per_core"]}.'
+        ),
+    ),
+    (
+        'job_timeout',
+        lambda p: _float(p['job_timeout']) > 0,
+        lambda p: f'must be > 0 seconds; got {p["job_timeout"]}.',
+    ),
+    (
+        'drain_timeout',
+        lambda p: 0 <= _float(p['drain_timeout']) <= _float(p['job_timeout']),
+        lambda p: (
+            f'must be from 0 to the job timeout ({p["job_timeout"]} s): a longer drain only delays '
+            f'every stop; got {p["drain_timeout"]}.'
+        ),
+    ),
+    (
+        'stop_timeout',
+        lambda p: _float(p['stop_timeout']) >= _float(p['drain_timeout']) + 10,
+        lambda p: (
+            '(systemd TimeoutStopSec, supervisor stopwaitsecs) must be >= drain_timeout + 10 = '
+            f'{_float(p["drain_timeout"]) + 10} s, or the process is killed while it drains; '
+            f'got {p["stop_timeout"]}.'
+        ),
+    ),
+    (
+        'heartbeat_interval',
+        lambda p: _float(p['heartbeat_interval']) > 0,
+        lambda p: f'must be > 0 seconds; got {p["heartbeat_interval"]}.',
+    ),
+    (
+        'log_level',
+        lambda p: str(p['log_level']).upper() in LOG_LEVELS,
+        lambda p: f"must be one of DEBUG, INFO, WARNING, ERROR; got '{p['log_level']}'.",
+    ),
+]
+# the role variable a key of the pool `default` comes from
+ORIGIN = {'queue': 'arq_worker_queue_name', 'name': None}
+
+
+def check_pools(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
+    names = [pool.get('name') for pool in args['pools']]
+    if not names or len(set(names)) != len(names):
+        raise Invalid(
+            f'arq_worker_pools must be a non-empty list of pools with unique names; names given: {names}.'
+        )
+    for key, passes, message in POOL_RULES:
+        for pool in derived:
+            if not passes(pool):
+                origin = ORIGIN.get(key, f'arq_worker_{key}')
+                came = f' (from {origin})' if origin and pool['name'] == 'default' else ''
+                raise Invalid(f'arq_worker_pools[{pool["index"]}].{key}{came} {message(pool)}')
+
+
+def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
+    manager = args['process_manager']
+    if manager != 'supervisor' and args['service_mgr'] != 'systemd':
+        raise Invalid(
+            f"arq_worker_process_manager is '{manager}' but this host's service manager is "
+            f"'{args['service_mgr']}': use 'supervisor' or a systemd host."
+        )
+    database_url, redis_url = args['database_url'], args['redis_url']
+    if not (
+        DSN.match(database_url)
+        and REDIS_URL.match(redis_url)
+        and (not args['db_upgrade'] or DSN.match(args['db_owner_url']))
+    ):
+        raise Invalid(
+            'arq_worker_database_url must be postgresql://user:password@host:port/db and '
+            'arq_worker_redis_url must be redis://[:password@]host:port/db (rediss:// for TLS, or unix://); '
+            f'got database URL {"empty" if not database_url else "of another form"}, '
+            f'redis URL {"empty" if not redis_url else "of another form"}; '
+            'arq_worker_db_owner_url must be a postgresql:// URL when arq_worker_db_upgrade is true.'
+        )
+    check_pools(args, derived)
+    paths = (args['home'], args['config_dir'], args['log_dir'])
+    if not (
+        _int(args['nofile_limit']) >= 1024
+        and _int(args['nproc_limit']) >= 64
+        and _int(args['keep_versions']) >= 0
+        and (args['install_method'] != 'pypi' or args['version'])
+        and all(ENV_NAME.match(str(key)) for key in args['extra_env'])
+        and all(re.match(r'^/.+', str(path)) for path in paths)
+    ):
+        raise Invalid(
+            f'arq_worker_nofile_limit must be >= 1024 (got {args["nofile_limit"]}); '
+            f'arq_worker_nproc_limit must be >= 64 (got {args["nproc_limit"]}); '
+            f'arq_worker_keep_versions must be >= 0 (got {args["keep_versions"]}); '
+            "arq_worker_version must be set when arq_worker_install_method is 'pypi'; "
+            f'arq_worker_extra_env keys must be shell-style names (got {list(args["extra_env"])}); '
+            'arq_worker_home, arq_worker_config_dir and arq_worker_log_dir must be absolute paths.'
+        )
+
+
+class ActionModule(ActionBase):
+    TRANSFERS_FILES = False
+    _requires_connection = False
+
+    def run(self, tmp: str | None = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
+        result = super().run(tmp, task_vars)
+        args = self._task.args
+        vcpus = _int(args['vcpus']) or 1
+        derived = pools(args['pools'], args['pool_defaults'], args['process_manager'], vcpus)
+        try:
+            check(args, derived)
+        except Invalid as exc:
+            return {**result, 'failed': True, 'msg': str(exc)}
+        return {**result, 'changed': False, 'pools': derived}
