@@ -9,6 +9,9 @@ BIN := $(abspath $(VENV))/bin
 STAMPS := build/stamps
 # LAB_TLS=true: the lab with TLS for Redis and PostgreSQL (inventories/lab/group_vars/all/tls.yml)
 LAB := -i inventories/lab $(if $(LAB_TLS),-e lab_fleet_tls=$(LAB_TLS))
+# make bench-deploy: the worker host counts to time (each a throw-away lab of its own beside the
+# lab); KEEP=1 leaves them running
+BENCH_WORKERS ?= 1 8
 # redis-server, postgresql: real servers for the worker tests; chromium: the test that renders the
 # monitor's /workers page; podman with runc, netavark, aardvark-dns (containers find each other by
 # name) and iptables (published ports), and debootstrap: the systemd test image and the lab fleet;
@@ -18,10 +21,10 @@ APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-d
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 
-.PHONY: help bootstrap image lab deploy demo lab-down test lint test-worker test-roles test-e2e bench clean
+.PHONY: help bootstrap image lab deploy demo lab-down test lint test-worker test-roles test-e2e bench bench-deploy clean
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMPS):
 	mkdir -p $@
@@ -57,10 +60,10 @@ demo: deploy ## lab + deploy + run demo flows and show which host ran them
 lab-down: bootstrap ## remove the lab fleet and everything it made
 	ansible-playbook $(LAB) playbooks/lab.yml -e lab_fleet_state=absent
 
-lint: bootstrap ## static checks: ruff, mypy --strict, role docs, example inventories, yamllint, ansible-lint, syntax
+lint: bootstrap ## static checks: ruff, mypy --strict, tests/static (planner, role docs, inventories), yamllint, ansible-lint, syntax
 	cd worker && ruff check . && ruff format --check . && mypy src tests bench
-	ruff check tests roles molecule && ruff format --check tests roles molecule
-	pytest -q tests/test_role_docs.py tests/test_inventories.py
+	ruff check tests roles molecule bench && ruff format --check tests roles molecule bench
+	pytest -q tests/static
 	yamllint .
 	ansible-lint
 	ansible-playbook $(LAB) --syntax-check deploy.yml playbooks/*.yml
@@ -79,6 +82,9 @@ test: image ## everything: lint, worker, molecule and end-to-end side by side, w
 
 bench: bootstrap ## benchmarks: throughput against bare arq, idle latency and CPU, memory
 	cd worker && python -m bench.bench
+
+bench-deploy: image ## no-op deploy time, 1 vs 8 worker hosts (bench/deploy.py; BENCH_WORKERS="1 8", KEEP=1)
+	python bench/deploy.py --workers $(BENCH_WORKERS) $(if $(KEEP),--keep)
 
 clean: lab-down ## remove the lab, the venv and build output
 	rm -rf $(VENV) build worker/.pytest_cache worker/.mypy_cache worker/.ruff_cache

@@ -110,6 +110,9 @@ class Load:
     def fewest_running(self, host: str) -> int:
         return min(running.get(host, 0) for _, running in self.samples)
 
+    def most_running(self, host: str) -> int:
+        return max(running.get(host, 0) for _, running in self.samples)
+
     def attempts(self) -> dict[str, list[asyncpg.Record]]:
         """Every attempt of every job, once each job has a final one (or SETTLE_TIMEOUT passed)."""
 
@@ -279,6 +282,51 @@ def test_a_scale_down_under_load_drains_and_loses_no_job(fleet: Lab) -> None:
     load.assert_every_job_succeeded_once()
     assert load.fewest_running('lab-worker-2') == FLEET['lab-worker-2']
     assert load.fewest_running('lab-worker-1') == 1
+
+
+def leftovers(host: str, manager: str) -> list[str]:
+    """What `manager` still holds of the workers on `host`: files, units, programs."""
+    if manager == 'systemd':
+        script = (
+            'ls -d /etc/systemd/system/arq-worker* /etc/systemd/system/*.wants/arq-worker* 2>/dev/null;'
+            " systemctl list-units --all --plain --no-legend 'arq-worker*' | awk '{print $1}'"
+        )
+    else:
+        script = (
+            'ls /etc/supervisor/conf.d/arq-worker* /var/log/arq-worker/arq-worker_* 2>/dev/null'
+            ' | grep -v arq-worker-rpc.conf;'
+            ' supervisorctl status 2>/dev/null | grep arq-worker'
+        )
+    return podman_exec(host, 'sh', '-c', f'{script}; true').split()
+
+
+@pytest.mark.parametrize(('old', 'new'), [('systemd', 'supervisor'), ('supervisor', 'systemd')])
+def test_a_change_of_process_manager_under_load_replaces_each_instance_and_leaves_nothing(
+    fleet: Lab, old: str, new: str
+) -> None:
+    host, count = 'lab-worker-2', FLEET['lab-worker-2']
+    names = {
+        'systemd': [f'arq-worker@{n}' for n in range(1, count + 1)],
+        'supervisor': [f'arq-worker_{n:02d}' for n in range(1, count + 1)],
+    }
+    fleet.set_vars(f'host_vars/{host}.yml', {'arq_worker_process_manager': new})
+
+    with Load(fleet) as load:
+        run = fleet.deploy('--limit', host)
+
+    assert run.returncode == 0, run.output[-5000:]
+    assert set(run.recap) == {host}
+    assert {key for key, beat in fleet.heartbeats().items() if beat['host'] == host} == {
+        f'arq:worker:{host}:{name}' for name in names[new]
+    }
+    assert not [path for path in leftovers(host, old) if 'arq-worker' in path], leftovers(host, old)
+    load.assert_every_job_succeeded_once()
+    # each old instance drained before its successor started: never fewer than N-1, never more than N
+    assert load.fewest_running(host) == count - 1, load.samples
+    assert load.most_running(host) == count, load.samples
+    again = fleet.deploy('--limit', host)
+    assert again.returncode == 0, again.output[-5000:]
+    assert again.recap[host]['changed'] == 0, again.output[-5000:]
 
 
 def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_another_instance_runs_the_job(

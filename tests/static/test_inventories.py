@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT
+from ..conftest import ROOT
 
 EXAMPLE_VAULT_PASSWORD = 'example-only'  # README, "Secrets"
 
