@@ -86,7 +86,8 @@ def parts(layers: list[str], scenarios: list[str], keyword: str | None) -> list[
     if 'e2e' in layers:
         selection = ['-k', keyword] if keyword else []
         # tests/static (no host) is lint's
-        found.append(Part('e2e', 'e2e', ['pytest', '-q', '--durations=15', 'tests', '--ignore=tests/static', *selection]))
+        pytest = ['pytest', '-q', '--durations=15', 'tests', '--ignore=tests/static']
+        found.append(Part('e2e', 'e2e', [*pytest, *selection]))
     return found
 
 
