@@ -150,6 +150,11 @@ def check_pools(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
         raise Invalid(
             f'arq_worker_pools must be a non-empty list of pools with unique names; names given: {names}.'
         )
+    if args['process_manager'] == 'supervisor' and 'rpc' in names:
+        raise Invalid(
+            "arq_worker_pools: a pool named 'rpc' cannot run under supervisor: its group file would be "
+            f'{_plan.SUPERVISOR_RPC_FILE}, the RPC extension of the role; name it otherwise.'
+        )
     for key, passes, message in POOL_RULES:
         for pool in derived:
             if not passes(pool):

@@ -1,0 +1,116 @@
+"""The arq_worker role's cross-variable checks (roles/arq_worker/action_plugins/arq_worker_validate.py),
+called as the task calls them but without a host. The messages a user sees at the end of a run
+are tested by the bad_inputs scenario; this covers the rules that scenario does not reach."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PLUGIN = (
+    Path(__file__).resolve().parents[2] / 'roles' / 'arq_worker' / 'action_plugins' / 'arq_worker_validate.py'
+)
+_spec = importlib.util.spec_from_file_location('arq_worker_validate_under_test', PLUGIN)
+assert _spec is not None
+assert _spec.loader is not None
+validate = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(validate)
+
+DEFAULTS = {
+    'queue': 'default',
+    'instances': 3,
+    'max_jobs': 10,
+    'max_jobs_per_core': 0,
+    'job_timeout': 3600,
+    'drain_timeout': 300,
+    'stop_timeout': 600,
+    'heartbeat_interval': 5,
+    'log_level': 'INFO',
+}
+
+
+def args(**changes: Any) -> dict[str, Any]:
+    base = {
+        'pools': [{'name': 'default'}],
+        'pool_defaults': DEFAULTS,
+        'process_manager': 'systemd',
+        'service_mgr': 'systemd',
+        'vcpus': 4,
+        'database_url': 'postgresql://flow_worker:pw@db:5432/flows',
+        'redis_url': 'redis://:pw@db:6379/0',
+        'db_upgrade': False,
+        'db_owner_url': '',
+        'nofile_limit': 65536,
+        'nproc_limit': 4096,
+        'keep_versions': 2,
+        'install_method': 'wheelhouse',
+        'version': '0.1.0',
+        'extra_env': {},
+        'home': '/opt/arq-worker',
+        'config_dir': '/etc/arq-worker',
+        'log_dir': '/var/log/arq-worker',
+    }
+    return {**base, **changes}
+
+
+def derive(given: dict[str, Any]) -> list[dict[str, Any]]:
+    return validate.pools(given['pools'], given['pool_defaults'], given['process_manager'], given['vcpus'])
+
+
+def test_the_pools_are_derived_with_their_names_and_max_jobs() -> None:
+    given = args(
+        pools=[{'name': 'default'}, {'name': 'io', 'instances': 2, 'max_jobs_per_core': 5}],
+        process_manager='supervisor',
+    )
+    pools = derive(given)
+    validate.check(given, pools)
+    assert [(p['prefix'], p['count'], p['names'], p['max_jobs']) for p in pools] == [
+        ('arq-worker', 3, ['arq-worker_01', 'arq-worker_02', 'arq-worker_03'], 10),
+        ('arq-worker-io', 2, ['arq-worker-io_01', 'arq-worker-io_02'], 20),
+    ]
+
+
+@pytest.mark.parametrize(
+    ('changes', 'message'),
+    [
+        (
+            {'service_mgr': 'sysvinit'},
+            "arq_worker_process_manager is 'systemd' but this host's service manager",
+        ),
+        ({'db_upgrade': True}, 'arq_worker_db_owner_url must be a postgresql:// URL'),
+        ({'redis_url': 'http://db'}, 'redis URL of another form'),
+        (
+            {'pools': [{'name': 'rpc'}], 'process_manager': 'supervisor'},
+            "a pool named 'rpc' cannot run under supervisor",
+        ),
+        ({'pools': [{'name': 'io', 'instances': '2x'}]}, 'arq_worker_pools[0].instances must be an integer'),
+        (
+            {'pools': [{'name': 'default', 'log_level': 'loud'}]},
+            'arq_worker_pools[0].log_level (from arq_worker_log_level)',
+        ),
+        (
+            {'pools': [{'name': 'default', 'queue': 'a b'}]},
+            'arq_worker_pools[0].queue (from arq_worker_queue_name)',
+        ),
+        ({'keep_versions': -1}, 'arq_worker_keep_versions must be >= 0 (got -1)'),
+        (
+            {'install_method': 'pypi', 'version': ''},
+            "arq_worker_version must be set when arq_worker_install_method is 'pypi'",
+        ),
+        ({'log_dir': 'logs'}, 'must be absolute paths'),
+    ],
+)
+def test_a_broken_rule_names_the_variable(changes: dict[str, Any], message: str) -> None:
+    given = args(**changes)
+    with pytest.raises(validate.Invalid) as failed:
+        validate.check(given, derive(given))
+    assert message in str(failed.value)
+
+
+def test_a_pool_named_rpc_is_fine_under_systemd() -> None:
+    given = args(pools=[{'name': 'rpc'}])
+    validate.check(given, derive(given))
