@@ -80,8 +80,8 @@ test-e2e: image ## end-to-end: ansible-playbook against the lab fleet, made from
 test: image ## everything: lint, worker, molecule and end-to-end side by side, with a time table
 	python tests/suite.py
 
-bench: bootstrap ## benchmarks: throughput against bare arq, idle latency and CPU, memory
-	cd worker && python -m bench.bench
+bench: bootstrap ## benchmarks: throughput against bare arq, idle latency and CPU, memory; the records at 5 M rows
+	cd worker && python -m bench.bench && python -m bench.records
 
 bench-deploy: image ## no-op deploy time, 1 vs 8 worker hosts (bench/deploy.py; BENCH_WORKERS="1 8", KEEP=1)
 	python bench/deploy.py --workers $(BENCH_WORKERS) $(if $(KEEP),--keep)

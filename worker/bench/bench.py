@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -170,16 +172,27 @@ def idle_cpu_percent(bench: Bench, seconds: float = 5, **env: str) -> float:
         worker.wait(60)
 
 
-async def main(jobs: int, max_jobs: int, rounds: int) -> int:
+@contextmanager
+def servers(durable: bool = False) -> Iterator[tuple[Path, RedisServer, PostgresServer]]:
+    """A redis-server and a PostgreSQL (``durable``: fsync on) in a scratch directory, for one run."""
     directory = Path(tempfile.mkdtemp(prefix='flowworker-bench-'))
     directory.chmod(0o755)
-    redis_server = RedisServer(directory / 'redis')
     (directory / 'redis').mkdir()
-    postgres_server = PostgresServer(directory / 'pg')
+    redis_server = RedisServer(directory / 'redis')
+    postgres_server = PostgresServer(directory / 'pg', durable=durable)
     redis_server.start()
     postgres_server.init()
     postgres_server.start()
     try:
+        yield directory, redis_server, postgres_server
+    finally:
+        redis_server.stop(save=False)
+        postgres_server.stop()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def main(jobs: int, max_jobs: int, rounds: int) -> int:
+    with servers() as (directory, redis_server, postgres_server):
         database = await prepare_database(postgres_server)
         bench = Bench(redis_server, database, directory)
         print(f'{jobs} no-op jobs, max_jobs {max_jobs}, medians of {rounds} rounds')
@@ -210,10 +223,6 @@ async def main(jobs: int, max_jobs: int, rounds: int) -> int:
         report_latency('polling every 0.05 s', await bench.latency(200))
         print(f'idle CPU, polling every 0.05 s: {idle_cpu_percent(bench):.2f} % of a core')
         return 0 if ratio >= 0.9 and p50 <= 0.05 else 1
-    finally:
-        redis_server.stop(save=False)
-        postgres_server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def report_latency(mode: str, delays: list[float]) -> float:

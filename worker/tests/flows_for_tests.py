@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from flowworker import Retry, current_job, flow
 
@@ -28,3 +29,17 @@ async def flaky(succeed_on: int) -> int:
     if attempt < succeed_on:
         raise Retry(defer=0.05)
     return attempt
+
+
+@flow('test.hold')
+async def hold(path: str, fail: str | None = None) -> dict[str, int]:
+    """Counts its runs in ``<path>.runs``, then once the file ``path`` exists returns, or raises
+    ValueError(``fail``)."""
+    runs = Path(path + '.runs')
+    with runs.open('a') as f:
+        f.write('run\n')
+    while not Path(path).exists():
+        await asyncio.sleep(0.01)
+    if fail is not None:
+        raise ValueError(fail)
+    return {'runs': len(runs.read_text().splitlines())}

@@ -76,8 +76,11 @@ class RedisServer:
 
 
 class PostgresServer:
-    def __init__(self, directory: Path) -> None:
+    """A PostgreSQL cluster; ``durable`` keeps fsync on, as production runs it (tests turn it off)."""
+
+    def __init__(self, directory: Path, durable: bool = False) -> None:
         self.directory = directory
+        self.durable = durable
         self.data = directory / 'data'
         self.port = free_port()
         self.bin = _postgres_bin()
@@ -117,7 +120,8 @@ class PostgresServer:
             '-l',
             str(self.directory / 'log'),
             '-o',
-            f'-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 -c fsync=off',
+            f'-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1'
+            + ('' if self.durable else ' -c fsync=off'),
             'start',
         )
 

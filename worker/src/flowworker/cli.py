@@ -1,4 +1,4 @@
-"""The ``flowworker`` command: ``worker``, ``enqueue``, ``db upgrade``, ``monitor``, the operators'
+"""The ``flowworker`` command: ``worker``, ``enqueue``, ``db upgrade|prune``, ``monitor``, the operators'
 ``status``, ``tasks``, ``cancel`` and ``purge``, and ``heartbeat list|wait-idle|wait-pid|delete``,
 which the Ansible role runs to read, await and remove heartbeat keys (one JSON object on stdout,
 always; see ``operations.py``).
@@ -21,9 +21,11 @@ from arq.jobs import Job, JobStatus
 
 from . import logs, operations
 from .fleet import parse_duration
-from .infrastructure import create_engine, create_redis, initialize
+from .infrastructure import DATABASE_ERRORS, create_engine, create_redis, initialize
 from .registry import FlowImportError, registry
+from .retention import prune
 from .schema import STATUSES, SchemaError, upgrade
+from .schema import check as check_schema
 from .settings import Settings, SettingsError, env_name, load_settings
 from .version import VERSION
 from .worker import serve
@@ -127,6 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
         '--grant-to', metavar='ROLE', help='grant this role the SELECT, INSERT and UPDATE a worker needs'
     )
     _add_env_file(db_upgrade)
+    db_prune = db_commands.add_parser(
+        'prune',
+        help='delete the records of jobs that ended more than AGE ago (run as the schema owner)',
+        description='Delete the jobs, with all their attempts, whose latest attempt is final (succeeded, '
+        'failed, cancelled) and finished more than AGE ago, in short batches that never wait on a worker; '
+        'running, retrying, interrupted and lost jobs are kept. Prints what it removed.',
+    )
+    db_prune.add_argument(
+        '--older-than',
+        type=_duration,
+        required=True,
+        metavar='AGE',
+        help='finished more than AGE ago: 12h, 30d',
+    )
+    db_prune.add_argument(
+        '--batch', type=_positive, default=1000, metavar='N', help='at most N jobs per transaction (1000)'
+    )
+    db_prune.add_argument('--dry-run', action='store_true', help='delete nothing, say what would go')
+    _add_env_file(db_prune)
 
     _add_operations(commands)
 
@@ -328,19 +349,26 @@ def run_enqueue(args: argparse.Namespace) -> int:
     return asyncio.run(_enqueue(settings, args))
 
 
-def run_db_upgrade(args: argparse.Namespace) -> int:
+def run_db(args: argparse.Namespace) -> int:
     settings = _settings(args, ())
     settings.require_database()
 
-    async def main() -> list[int]:
+    async def main() -> str:
         engine = create_engine(settings)
         try:
-            return await upgrade(engine, grant_to=args.grant_to)
+            if args.db_command == 'upgrade':
+                applied = await upgrade(engine, grant_to=args.grant_to)
+                if not applied:
+                    return 'schema is up to date'
+                return f'applied migrations {", ".join(map(str, applied))}'
+            await check_schema(engine)
+            return str(await prune(engine, args.older_than, args.batch, args.dry_run))
+        except DATABASE_ERRORS as e:
+            raise operations.Unreachable(operations.unreachable(e)) from None
         finally:
             await engine.dispose()
 
-    applied = asyncio.run(main())
-    print(f'applied migrations {", ".join(map(str, applied))}' if applied else 'schema is up to date')
+    print(asyncio.run(main()))
     return 0
 
 
@@ -424,7 +452,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = {
         'worker': run_worker,
         'enqueue': run_enqueue,
-        'db': run_db_upgrade,
+        'db': run_db,
         'monitor': run_monitor,
         'status': run_status,
         'tasks': run_tasks,

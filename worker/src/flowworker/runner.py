@@ -9,6 +9,9 @@ Producer contract: ``enqueue_job('run_flow', flow_name, params, _queue_name='arq
   (arq itself never retries a timed-out job).
 - cancelled by ``flowworker`` shutdown: ``interrupted``, and arq re-queues the job.
 - aborted (arq ``Job.abort``, ``flowworker cancel``): ``cancelled``, running or not yet started.
+
+When a process ends between arq storing a job's result and its record being written, the record
+is settled later from that result (:func:`outcome`, used by ``TaskStore.reconcile``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,13 @@ from typing import Any, NoReturn
 
 from arq import Retry
 from arq.connections import ArqRedis
+from arq.jobs import JobResult
 
 from .heartbeat import JobCounts
 from .infrastructure import REDIS_ERRORS
 from .registry import BadParams, Registry, UnknownFlow
 from .settings import Settings
-from .store import Row, TaskStore
+from .store import Outcome, Row, TaskStore
 
 logger = logging.getLogger('flowworker.runner')
 
@@ -39,6 +43,18 @@ TIMEOUTS_KEY_TTL = 86_400
 
 class FlowFailed(Exception):
     """The job failed for good; the message says why."""
+
+
+def outcome(result: JobResult) -> Outcome:
+    """The status, error and result of the attempt that ``result`` (arq's, of its job) ended."""
+    if result.success:
+        return 'succeeded', None, result.result
+    error = result.result
+    if isinstance(error, asyncio.CancelledError):
+        return 'cancelled', 'aborted', None
+    if isinstance(error, FlowFailed):
+        return 'failed', str(error), None
+    return 'failed', f'{type(error).__name__}: {error}', None  # arq's own timeout
 
 
 @dataclass(frozen=True)

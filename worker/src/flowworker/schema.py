@@ -48,6 +48,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
                 FROM flow_task_attempts ORDER BY job_id, attempt DESC""",
         ),
     ),
+    # `flowworker tasks` and the API list the newest first: without it each list sorts the table
+    (2, ('CREATE INDEX flow_task_attempts_started_at ON flow_task_attempts (started_at)',)),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _LOCK_ID = 0x666C6F77  # pg_advisory_xact_lock key: 'flow'

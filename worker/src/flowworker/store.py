@@ -12,8 +12,10 @@ thousands of jobs a second the worker has no CPU to spare.
 
 While PostgreSQL is unreachable the rows stay in memory, the flusher retries with back-off and
 :attr:`TaskStore.healthy` is false (the worker stops picking jobs). On start-up, and every few
-heartbeat intervals after, :meth:`TaskStore.reconcile` marks ``lost`` the attempts left
-``running`` by processes that died.
+heartbeat intervals after, :meth:`TaskStore.reconcile` settles the attempts left ``running`` by
+processes that died: an attempt whose job has arq's result (the process ended after arq stored it,
+before its record was written) gets its real outcome from that result; only the others are
+``lost``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from arq.constants import result_key_prefix
+from arq.jobs import DeserializationError, JobResult, deserialize_result
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,6 +38,8 @@ from .infrastructure import DATABASE_ERRORS, backoff, describe_error
 logger = logging.getLogger('flowworker.store')
 
 Row = dict[str, Any]
+# an attempt's status, error and result, from the result arq stored for its job (runner.outcome)
+Outcome = tuple[str, str | None, Any]
 MAX_BATCH = 1000
 # seconds the flusher waits for more rows before it writes (records lag the jobs by about this)
 LINGER = 0.05
@@ -65,11 +71,59 @@ WHERE flow_task_attempts.status IN ('running', 'lost')
 """
 
 
+# an attempt whose job has arq's result: the outcome that result records, where it is still running
+RECORD_OUTCOMES = text("""
+UPDATE flow_task_attempts AS a
+SET status = o.status, finished_at = o.finished_at, error = o.error, result = o.result
+FROM unnest(CAST(:job_ids AS text[]), CAST(:attempts AS integer[]), CAST(:statuses AS text[]),
+            CAST(:finished AS timestamptz[]), CAST(:errors AS text[]), CAST(:results AS jsonb[]))
+     AS o(job_id, attempt, status, finished_at, error, result)
+WHERE a.job_id = o.job_id AND a.attempt = o.attempt AND a.status = 'running'
+""")
+# the others: lost; the jobs whose lost attempt is their latest may run again
+MARK_LOST = text("""
+UPDATE flow_task_attempts AS a
+SET status = 'lost', finished_at = :now,
+    error = 'the worker stopped without finishing this attempt (killed or crashed)'
+FROM unnest(CAST(:job_ids AS text[]), CAST(:attempts AS integer[])) AS l(job_id, attempt)
+WHERE a.job_id = l.job_id AND a.attempt = l.attempt AND a.status = 'running'
+RETURNING a.job_id, NOT EXISTS (SELECT 1 FROM flow_task_attempts AS n
+                                WHERE n.job_id = a.job_id AND n.attempt > a.attempt) AS latest
+""")
+UNSETTLED = text(
+    "SELECT job_id, attempt FROM flow_task_attempts WHERE status = 'running' AND worker_id IN :dead "
+    'AND started_at < :now'
+).bindparams(bindparam('dead', expanding=True))
+
+
+def _json(result: Any) -> str | None:
+    return None if result is None else json.dumps(result, default=repr)
+
+
 def _columns(rows: list[Row]) -> list[list[Any]]:
     """The batch as one list per column, results as JSON text."""
     columns = [[row[name] for row in rows] for name in COLUMNS]
-    columns[-1] = [None if r is None else json.dumps(r, default=repr) for r in columns[-1]]
+    columns[-1] = [_json(r) for r in columns[-1]]
     return columns
+
+
+async def _results(redis: Redis, attempts: list[tuple[str, int]]) -> dict[tuple[str, int], JobResult]:
+    """arq's results of these attempts: a job's result names the try that produced it."""
+    if not attempts:
+        return {}
+    raw = await redis.mget([result_key_prefix + job_id for job_id, _ in attempts])
+    found = {}
+    for (job_id, number), data in zip(attempts, raw, strict=True):
+        if data is None:
+            continue
+        try:
+            result = deserialize_result(data)
+        except DeserializationError as e:
+            logger.warning('cannot read the result of job %s: %s', job_id, e)
+            continue
+        if result.job_try == number:
+            found[(job_id, number)] = result
+    return found
 
 
 class TaskStore:
@@ -148,9 +202,10 @@ class TaskStore:
         heartbeat_key: Callable[[str], str],
         now: datetime,
         *,
+        outcome: Callable[[JobResult], Outcome],
         missing_before: set[str] | None = None,
     ) -> tuple[list[str], set[str]]:
-        """Mark ``lost`` the running attempts of workers that are gone.
+        """Settle the running attempts of workers that are gone: their outcome from arq's result, or lost.
 
         At start-up (``missing_before`` None): this id's earlier life and every worker with no
         heartbeat. In a later sweep: the workers with no heartbeat now that had none at the
@@ -170,17 +225,38 @@ class TaskStore:
                 dead = sorted(missing & missing_before)
             if not dead:
                 return [], missing
-            result = await conn.execute(
-                text(
-                    "UPDATE flow_task_attempts AS a SET status = 'lost', finished_at = :now, "
-                    "error = 'the worker stopped without finishing this attempt (killed or crashed)' "
-                    "WHERE status = 'running' AND worker_id IN :dead AND started_at < :now "
-                    'RETURNING job_id, NOT EXISTS (SELECT 1 FROM flow_task_attempts AS n '
-                    'WHERE n.job_id = a.job_id AND n.attempt > a.attempt) AS latest'
-                ).bindparams(bindparam('dead', expanding=True)),
-                {'dead': dead, 'now': now},
+            unsettled = [
+                (job_id, number)
+                for job_id, number in await conn.execute(UNSETTLED, {'dead': dead, 'now': now})
+            ]
+            ended = await _results(redis, unsettled)
+            if ended:
+                outcomes = [outcome(result) for result in ended.values()]
+                await conn.execute(
+                    RECORD_OUTCOMES,
+                    {
+                        'job_ids': [job_id for job_id, _ in ended],
+                        'attempts': [number for _, number in ended],
+                        'statuses': [status for status, _, _ in outcomes],
+                        'finished': [result.finish_time for result in ended.values()],
+                        'errors': [error for _, error, _ in outcomes],
+                        'results': [_json(value) for _, _, value in outcomes],
+                    },
+                )
+            lost = [attempt for attempt in unsettled if attempt not in ended]
+            rows = (
+                await conn.execute(
+                    MARK_LOST,
+                    {'job_ids': [j for j, _ in lost], 'attempts': [n for _, n in lost], 'now': now},
+                )
+            ).all()
+        if ended:
+            logger.warning(
+                'recorded %d task attempts from their results in Redis (their worker stopped before '
+                'writing them): %s',
+                len(ended),
+                ', '.join(dead),
             )
-            rows = result.all()
         if rows:
             logger.warning(
                 'marked %d task attempts lost from workers that are gone: %s', len(rows), ', '.join(dead)

@@ -30,7 +30,7 @@ from arq.worker import func
 from .heartbeat import TTL_INTERVALS, Heartbeat, JobCounts, heartbeat_key
 from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, Infrastructure, backoff, describe_error
 from .registry import Registry
-from .runner import Runner, run_flow
+from .runner import Runner, outcome, run_flow
 from .schema import check as check_schema
 from .store import TaskStore
 from .wakeup import QueueWakeup
@@ -233,10 +233,15 @@ async def _wait_for_database(infra: Infrastructure, timeout: float = 60.0) -> No
 async def _release_lost_jobs(
     infra: Infrastructure, store: TaskStore, missing_before: set[str] | None = None
 ) -> set[str]:
-    """Mark ``lost`` the attempts of dead workers and release their jobs (see TaskStore.reconcile);
-    the workers found without a heartbeat."""
+    """Settle the attempts of dead workers, from arq's results or as lost, and release the lost jobs
+    (see TaskStore.reconcile); the workers found without a heartbeat."""
     lost, missing = await store.reconcile(
-        infra.redis, infra.settings.worker_id, heartbeat_key, datetime.now(UTC), missing_before=missing_before
+        infra.redis,
+        infra.settings.worker_id,
+        heartbeat_key,
+        datetime.now(UTC),
+        outcome=outcome,
+        missing_before=missing_before,
     )
     if lost:
         # their worker is gone: let arq run them again now rather than when the in-progress key expires

@@ -1,0 +1,178 @@
+"""Task records you can trust: a job that ended is never recorded lost, and old records can be pruned."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import asyncpg
+import pytest
+from arq.constants import result_key_prefix
+
+from .conftest import Stack, flowworker
+from .servers import WorkerProcess
+
+
+@asynccontextmanager
+async def records_held(stack: Stack) -> AsyncIterator[None]:
+    """PostgreSQL takes no record while inside: the table is locked against writes (reads go on)."""
+    conn = await asyncpg.connect(stack.owner_url)
+    try:
+        async with conn.transaction():
+            await conn.execute('LOCK TABLE flow_task_attempts IN SHARE MODE')
+            yield
+    finally:
+        await conn.close()
+
+
+async def is_draining(stack: Stack, worker_id: str) -> bool:
+    beat = await stack.redis.get(f'arq:worker:{worker_id}')
+    return beat is not None and json.loads(beat)['state'] == 'draining'
+
+
+async def killed_after_its_result(stack: Stack, worker: WorkerProcess, tmp_path: Path, **params: str) -> str:
+    """Run a job on ``worker`` and SIGKILL it once arq has stored the job's result and before its
+    final record is written (held by a lock, not by luck); the job's id."""
+    release = tmp_path / 'release'
+    job_id = await stack.enqueue('test.hold', {'path': str(release), **params})
+    await stack.wait_for(
+        lambda: stack.db.fetchval(
+            "SELECT status = 'running' FROM flow_task_attempts WHERE job_id = $1", job_id
+        ),
+        10,
+        'the running record',
+    )
+    async with records_held(stack):
+        release.touch()
+        await stack.wait_for(lambda: stack.redis.exists(result_key_prefix + job_id), 10, "arq's result")
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert [a['status'] for a in await stack.attempts(job_id)] == ['running']
+    return job_id
+
+
+async def assert_settled_from_the_result(
+    stack: Stack, job_id: str, worker_id: str, release: Path, status: str = 'succeeded'
+) -> None:
+    [attempt] = await stack.wait_final([job_id], timeout=30)
+    assert (attempt['status'], attempt['attempt'], attempt['worker_id']) == (status, 1, worker_id)
+    if status == 'succeeded':
+        assert (attempt['result'], attempt['error']) == ('{"runs": 1}', None)
+    else:
+        assert (attempt['result'], attempt['error']) == (None, 'ValueError: no luck')
+    assert attempt['finished_at'] >= attempt['started_at']
+    assert len(await stack.attempts(job_id)) == 1
+    await asyncio.sleep(1)  # a second run, if anything released the job, would have started by now
+    assert Path(str(release) + '.runs').read_text() == 'run\n'
+    assert len(await stack.attempts(job_id)) == 1
+
+
+@pytest.mark.parametrize(('params', 'status'), [({}, 'succeeded'), ({'fail': 'no luck'}, 'failed')])
+async def test_a_job_killed_after_its_result_is_recorded_as_it_ended_on_restart(
+    stack: Stack, tmp_path: Path, params: dict[str, str], status: str
+) -> None:
+    worker = await stack.start_worker()
+    job_id = await killed_after_its_result(stack, worker, tmp_path, **params)
+
+    # the same worker id coming back (a systemd instance restarting) settles its old attempt
+    again = await stack.start_worker(FLOWWORKER_WORKER_ID=worker.worker_id)
+    await assert_settled_from_the_result(stack, job_id, worker.worker_id, tmp_path / 'release', status)
+    assert 'recorded 1 task attempts from their results in Redis' in again.output()
+    assert 'lost' not in again.output()
+
+
+async def test_a_job_killed_after_its_result_is_recorded_succeeded_by_the_sweep(
+    stack: Stack, tmp_path: Path
+) -> None:
+    workers = [await stack.start_worker(), await stack.start_worker()]
+    doomed, survivor = workers
+    # the survivor is quiet: the job goes to the one that will be killed
+    survivor.signal(signal.SIGUSR1)
+    await stack.wait_for(lambda: is_draining(stack, survivor.worker_id), 10, 'the quiet heartbeat')
+    job_id = await killed_after_its_result(stack, doomed, tmp_path)
+
+    # nobody restarts: the survivor's sweep finds the heartbeat gone twice in a row
+    await assert_settled_from_the_result(stack, job_id, doomed.worker_id, tmp_path / 'release')
+    assert 'recorded 1 task attempts from their results in Redis' in survivor.output()
+
+
+# (job, attempt, status, finished days ago; None: still running): what a prune at 30 days meets
+RECORDS = [
+    ('old-succeeded', 1, 'succeeded', 40),
+    ('old-failed', 1, 'lost', 41),
+    ('old-failed', 2, 'failed', 40),
+    ('old-cancelled', 1, 'cancelled', 35),
+    ('new-succeeded', 1, 'succeeded', 1),
+    ('old-retrying', 1, 'retrying', 40),
+    ('old-lost', 1, 'lost', 40),
+    ('old-running', 1, 'running', None),
+    ('rerun', 1, 'failed', 40),
+    ('rerun', 2, 'running', None),
+]
+PRUNED = {'old-succeeded', 'old-failed', 'old-cancelled'}
+
+
+async def insert_records(stack: Stack) -> None:
+    await stack.db.executemany(
+        'INSERT INTO flow_task_attempts (job_id, attempt, flow, queue, status, worker_id, started_at, '
+        "finished_at) VALUES ($1, $2, 'demo.echo', 'default', $3, 'w', now() - make_interval(days => $4), "
+        'now() - make_interval(days => $5))',
+        [(job, n, status, 50 if days is None else days, days) for job, n, status, days in RECORDS],
+    )
+
+
+async def remaining(stack: Stack) -> set[str]:
+    return {row['job_id'] for row in await stack.db.fetch('SELECT job_id FROM flow_task_attempts')}
+
+
+async def test_prune_removes_final_jobs_older_than_the_age_in_batches(stack: Stack) -> None:
+    await insert_records(stack)
+    owner = {'DATABASE_URL': stack.owner_url}
+
+    dry = flowworker('db', 'prune', '--older-than', '30d', '--dry-run', env=owner)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.startswith('would prune 3 jobs (4 attempts) finished before ')
+    assert dry.stdout.rstrip().endswith(': succeeded 1, failed 1, cancelled 1')
+    assert await remaining(stack) == {job for job, *_ in RECORDS}
+
+    pruned = flowworker('db', 'prune', '--older-than', '30d', '--batch', '2', env=owner)
+    assert pruned.returncode == 0, pruned.stderr
+    assert pruned.stdout.startswith('pruned 3 jobs (4 attempts) finished before ')
+    assert ' in 2 batches: succeeded 1, failed 1, cancelled 1' in pruned.stdout
+    assert await remaining(stack) == {job for job, *_ in RECORDS} - PRUNED
+    assert len(await stack.attempts('rerun')) == 2
+
+    again = flowworker('db', 'prune', '--older-than', '30d', env=owner)
+    assert again.stdout.startswith('pruned 0 jobs (0 attempts)')
+
+
+async def test_the_worker_role_cannot_prune(stack: Stack) -> None:
+    await insert_records(stack)
+
+    denied = flowworker('db', 'prune', '--older-than', '30d', env={'DATABASE_URL': stack.env['DATABASE_URL']})
+
+    assert denied.returncode == 2
+    assert 'may not delete task records: run `flowworker db prune` as the schema owner' in denied.stderr
+    assert await remaining(stack) == {job for job, *_ in RECORDS}
+
+
+@pytest.mark.parametrize(
+    ('args', 'message'),
+    [
+        (['--older-than', 'a month'], "argument --older-than: 'a month' is not a duration"),
+        (
+            ['--older-than', '30d', '--batch', '0'],
+            "argument --batch: '0' is not a whole number of at least 1",
+        ),
+        ([], 'the following arguments are required: --older-than'),
+    ],
+)
+async def test_prune_refuses_bad_options(stack: Stack, args: list[str], message: str) -> None:
+    refused = flowworker('db', 'prune', *args, env={'DATABASE_URL': stack.owner_url})
+    assert (refused.returncode, refused.stdout) == (2, '')
+    assert message in refused.stderr
