@@ -53,6 +53,9 @@ def args(**changes: Any) -> dict[str, Any]:
         'home': '/opt/arq-worker',
         'config_dir': '/etc/arq-worker',
         'log_dir': '/var/log/arq-worker',
+        'record_retention': '30d',
+        'record_prune_schedule': 'daily',
+        'prunes': False,
     }
     return {**base, **changes}
 
@@ -102,6 +105,27 @@ def test_the_pools_are_derived_with_their_names_and_max_jobs() -> None:
             "arq_worker_version must be set when arq_worker_install_method is 'pypi'",
         ),
         ({'log_dir': 'logs'}, 'must be absolute paths'),
+        (
+            {'record_retention': '30 days'},
+            'arq_worker_record_retention must be a duration such as 12h or 30d',
+        ),
+        (
+            {'record_prune_schedule': 'daily; rm'},
+            'arq_worker_record_prune_schedule must be a systemd OnCalendar',
+        ),
+        (
+            {'prunes': True},
+            'arq_worker_record_retention is 30d: this host (arq_worker_record_prune_host) prunes',
+        ),
+        (
+            {
+                'prunes': True,
+                'db_owner_url': 'postgresql://o:pw@db/flows',
+                'service_mgr': 'openrc',
+                'process_manager': 'supervisor',
+            },
+            "so it needs systemd (it has 'openrc')",
+        ),
     ],
 )
 def test_a_broken_rule_names_the_variable(changes: dict[str, Any], message: str) -> None:
@@ -113,4 +137,10 @@ def test_a_broken_rule_names_the_variable(changes: dict[str, Any], message: str)
 
 def test_a_pool_named_rpc_is_fine_under_systemd() -> None:
     given = args(pools=[{'name': 'rpc'}])
+    validate.check(given, derive(given))
+
+
+@pytest.mark.parametrize('retention', ['0', 0, '12h', '30d', '90', '1.5d'])
+def test_a_retention_is_a_duration_or_0(retention: object) -> None:
+    given = args(record_retention=retention, prunes=True, db_owner_url='postgresql://o:pw@db/flows')
     validate.check(given, derive(given))

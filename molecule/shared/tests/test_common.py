@@ -84,3 +84,19 @@ def test_a_demo_flow_is_completed_and_recorded(host):
     )
     assert status, psql(host, f"SELECT status, worker_id, error FROM flow_tasks WHERE job_id = '{job_id}'")
     assert int(redis(host, 'ZCARD', 'arq:queue:default')) == 0
+
+
+def test_the_prune_timer_prunes_the_records_as_the_schema_owner(host):
+    timer = host.service('arq-worker-prune.timer')
+    assert timer.is_enabled
+    assert timer.is_running
+    settings = host.file('/etc/arq-worker/prune.env')
+    assert (settings.user, settings.group, settings.mode) == ('root', 'root', 0o600)
+    assert settings.contains('^DATABASE_URL=postgresql://flow_owner:')
+    unit = host.file('/etc/systemd/system/arq-worker-prune.service')
+    assert unit.contains('^ExecStart=/opt/arq-worker/current/bin/flowworker db prune --older-than 30d ')
+    assert unit.contains('^User=arq-worker$')
+
+    host.check_output('systemctl start arq-worker-prune.service')
+    log = host.check_output('journalctl --unit arq-worker-prune.service --no-pager --output cat')
+    assert 'pruned 0 jobs (0 attempts) finished before ' in log

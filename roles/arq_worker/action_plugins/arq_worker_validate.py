@@ -31,6 +31,9 @@ POOL_NAME = re.compile(r'^[a-z0-9_]{1,32}$')
 QUEUE = re.compile(r'^[A-Za-z0-9_.:-]+$')
 ENV_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
+# flowworker's durations (`db prune --older-than`); 0 keeps every record
+RETENTION = re.compile(r'^(0|[0-9]+(\.[0-9]+)?[smhd]?)$')
+CALENDAR = re.compile(r'^[A-Za-z0-9*:,./~ -]+$')
 
 
 class Invalid(Exception):
@@ -184,6 +187,7 @@ def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
             'arq_worker_db_owner_url must be a postgresql:// URL when arq_worker_db_upgrade is true.'
         )
     check_pools(args, derived)
+    check_retention(args)
     paths = (args['home'], args['config_dir'], args['log_dir'])
     if not (
         _int(args['nofile_limit']) >= 1024
@@ -200,6 +204,26 @@ def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
             "arq_worker_version must be set when arq_worker_install_method is 'pypi'; "
             f'arq_worker_extra_env keys must be shell-style names (got {list(args["extra_env"])}); '
             'arq_worker_home, arq_worker_config_dir and arq_worker_log_dir must be absolute paths.'
+        )
+
+
+def check_retention(args: dict[str, Any]) -> None:
+    retention = str(args['record_retention']).strip()
+    if not RETENTION.match(retention) or not CALENDAR.match(str(args['record_prune_schedule'])):
+        raise Invalid(
+            f'arq_worker_record_retention must be a duration such as 12h or 30d, or 0 to keep every record '
+            f'(got {retention!r}); arq_worker_record_prune_schedule must be a systemd OnCalendar '
+            f'expression such as daily or "*-*-* 03:00:00" (got {args["record_prune_schedule"]!r}).'
+        )
+    if not args['prunes']:
+        return
+    if args['service_mgr'] != 'systemd' or not DSN.match(args['db_owner_url']):
+        raise Invalid(
+            f'arq_worker_record_retention is {retention}: this host (arq_worker_record_prune_host) prunes '
+            'the records on a systemd timer as the schema owner, so it needs systemd (it has '
+            f"'{args['service_mgr']}') and arq_worker_db_owner_url as a postgresql:// URL "
+            f'(got {"empty" if not args["db_owner_url"] else "another form"}); or set '
+            'arq_worker_record_retention: 0 to keep every record.'
         )
 
 
