@@ -14,8 +14,10 @@ import asyncpg
 import pytest
 from arq.constants import result_key_prefix
 
+from flowworker.store import SPILLED_KEY, spill_key
+
 from .conftest import Stack, flowworker
-from .servers import WorkerProcess
+from .servers import PostgresServer, WorkerProcess
 
 
 @asynccontextmanager
@@ -176,3 +178,27 @@ async def test_prune_refuses_bad_options(stack: Stack, args: list[str], message:
     refused = flowworker('db', 'prune', *args, env={'DATABASE_URL': stack.owner_url})
     assert (refused.returncode, refused.stdout) == (2, '')
     assert message in refused.stderr
+
+
+async def test_records_postgresql_did_not_take_before_shutdown_wait_in_redis_for_the_next_worker(
+    stack: Stack, postgres_server: PostgresServer
+) -> None:
+    worker = await stack.start_worker()
+    postgres_server.stop()
+    try:
+        job_id = await stack.enqueue('demo.echo', {'n': 7})
+        await stack.wait_for(lambda: stack.redis.exists(result_key_prefix + job_id), 20, "arq's result")
+        assert worker.stop() == 0  # the records cannot be written within the 5 s it waits for them
+        assert 'handed 1 task records to Redis (flowworker:records:' in worker.output()
+        assert await stack.redis.exists(spill_key(worker.worker_id), SPILLED_KEY) == 2
+    finally:
+        postgres_server.start()
+    await stack.reconnect()
+
+    # any worker starting (here another id) writes what a worker that is gone left in Redis
+    other = await stack.start_worker()
+    [attempt] = await stack.wait_final([job_id])
+    assert (attempt['status'], attempt['worker_id']) == ('succeeded', worker.worker_id)
+    assert attempt['result'] == '{"n": 7}'
+    assert 'wrote 1 task records that workers handed to Redis at shutdown' in other.output()
+    assert not await stack.redis.exists(spill_key(worker.worker_id), SPILLED_KEY)

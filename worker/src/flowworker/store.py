@@ -11,11 +11,12 @@ round trip. Through SQLAlchemy's executemany the same write costs several times 
 thousands of jobs a second the worker has no CPU to spare.
 
 While PostgreSQL is unreachable the rows stay in memory, the flusher retries with back-off and
-:attr:`TaskStore.healthy` is false (the worker stops picking jobs). On start-up, and every few
-heartbeat intervals after, :meth:`TaskStore.reconcile` settles the attempts left ``running`` by
-processes that died: an attempt whose job has arq's result (the process ended after arq stored it,
-before its record was written) gets its real outcome from that result; only the others are
-``lost``.
+:attr:`TaskStore.healthy` is false (the worker stops picking jobs); rows still unwritten when the
+process stops go to Redis (:meth:`TaskStore.spill`). On start-up, and every few heartbeat intervals
+after, :meth:`TaskStore.reconcile` settles the records of processes that are gone: the rows they
+left in Redis are written; an attempt left ``running`` whose job has arq's result (the process
+ended after arq stored it, before its record was written) gets its real outcome from that
+result; only the others are ``lost``.
 """
 
 from __future__ import annotations
@@ -23,17 +24,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from arq.constants import result_key_prefix
 from arq.jobs import DeserializationError, JobResult, deserialize_result
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .infrastructure import DATABASE_ERRORS, backoff, describe_error
+from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, backoff, describe_error
 
 logger = logging.getLogger('flowworker.store')
 
@@ -43,6 +44,12 @@ Outcome = tuple[str, str | None, Any]
 MAX_BATCH = 1000
 # seconds the flusher waits for more rows before it writes (records lag the jobs by about this)
 LINGER = 0.05
+# the rows a worker could not write before it stopped wait in Redis (spill_key) this long at most,
+# and the ids of such workers in this set
+SPILL_KEY_PREFIX = 'flowworker:records:'
+SPILL_TTL = 7 * 86_400
+SPILLED_KEY = 'flowworker:records-waiting'
+
 
 COLUMNS = (
     'job_id',
@@ -195,6 +202,29 @@ class TaskStore:
             logger.warning('PostgreSQL is reachable again; task records are being written')
         self.healthy = healthy
 
+    async def spill(self, redis: Redis, worker_id: str) -> int:
+        """Hand the rows PostgreSQL did not take before shutdown to Redis (:func:`spill_key`), where
+        this worker id's next start, or a living worker's sweep once it is gone, writes them."""
+        rows = list(self._pending.values())
+        if not rows:
+            return 0
+        try:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.rpush(spill_key(worker_id), *(json.dumps(row, default=_encode) for row in rows))
+                pipe.expire(spill_key(worker_id), SPILL_TTL)
+                pipe.sadd(SPILLED_KEY, worker_id)
+                await pipe.execute()
+        except REDIS_ERRORS as e:
+            logger.error('%d task records are lost: neither PostgreSQL nor Redis took them: %s', len(rows), e)
+            return 0
+        self._pending.clear()
+        logger.warning(
+            'handed %d task records to Redis (%s) for the next worker to write',
+            len(rows),
+            spill_key(worker_id),
+        )
+        return len(rows)
+
     async def reconcile(
         self,
         redis: Redis,
@@ -205,7 +235,8 @@ class TaskStore:
         outcome: Callable[[JobResult], Outcome],
         missing_before: set[str] | None = None,
     ) -> tuple[list[str], set[str]]:
-        """Settle the running attempts of workers that are gone: their outcome from arq's result, or lost.
+        """Settle the records of workers that are gone: the rows they handed to Redis at shutdown are
+        written, their running attempts get the outcome of arq's result, or are marked lost.
 
         At start-up (``missing_before`` None): this id's earlier life and every worker with no
         heartbeat. In a later sweep: the workers with no heartbeat now that had none at the
@@ -217,7 +248,10 @@ class TaskStore:
         """
         async with self._engine.begin() as conn:
             running = text("SELECT DISTINCT worker_id FROM flow_task_attempts WHERE status = 'running'")
-            owners = (await conn.scalars(running)).all()
+            spilled = {
+                member.decode() for member in await cast(Awaitable[set[bytes]], redis.smembers(SPILLED_KEY))
+            }
+            owners = sorted({*(await conn.scalars(running)).all(), *spilled})
             missing = {w for w in owners if w != worker_id and not await redis.exists(heartbeat_key(w))}
             if missing_before is None:
                 dead = [w for w in owners if w == worker_id or w in missing]
@@ -225,40 +259,87 @@ class TaskStore:
                 dead = sorted(missing & missing_before)
             if not dead:
                 return [], missing
-            unsettled = [
-                (job_id, number)
-                for job_id, number in await conn.execute(UNSETTLED, {'dead': dead, 'now': now})
-            ]
-            ended = await _results(redis, unsettled)
-            if ended:
-                outcomes = [outcome(result) for result in ended.values()]
-                await conn.execute(
-                    RECORD_OUTCOMES,
-                    {
-                        'job_ids': [job_id for job_id, _ in ended],
-                        'attempts': [number for _, number in ended],
-                        'statuses': [status for status, _, _ in outcomes],
-                        'finished': [result.finish_time for result in ended.values()],
-                        'errors': [error for _, error, _ in outcomes],
-                        'results': [_json(value) for _, _, value in outcomes],
-                    },
-                )
-            lost = [attempt for attempt in unsettled if attempt not in ended]
-            rows = (
-                await conn.execute(
-                    MARK_LOST,
-                    {'job_ids': [j for j, _ in lost], 'attempts': [n for _, n in lost], 'now': now},
-                )
-            ).all()
-        if ended:
-            logger.warning(
+            handed = await _write_spilled(conn, redis, [w for w in dead if w in spilled])
+            ended, rows = await _settle(conn, redis, dead, now, outcome)
+        if handed:
+            async with redis.pipeline(transaction=True) as pipe:
+                pipe.delete(*map(spill_key, handed))
+                pipe.srem(SPILLED_KEY, *handed)
+                await pipe.execute()
+        for count, what in (
+            (sum(handed.values()), 'wrote %d task records that workers handed to Redis at shutdown: %s'),
+            (
+                ended,
                 'recorded %d task attempts from their results in Redis (their worker stopped before '
                 'writing them): %s',
-                len(ended),
-                ', '.join(dead),
-            )
-        if rows:
-            logger.warning(
-                'marked %d task attempts lost from workers that are gone: %s', len(rows), ', '.join(dead)
-            )
+            ),
+            (len(rows), 'marked %d task attempts lost from workers that are gone: %s'),
+        ):
+            if count:
+                logger.warning(what, count, ', '.join(dead))
         return [job_id for job_id, latest in rows if latest], missing
+
+
+def spill_key(worker_id: str) -> str:
+    """The Redis list of the records ``worker_id`` could not write before it stopped (JSON rows)."""
+    return SPILL_KEY_PREFIX + worker_id
+
+
+def _encode(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else repr(value)
+
+
+def _decode(raw: bytes) -> Row:
+    row: Row = json.loads(raw)
+    for name in ('enqueued_at', 'started_at', 'finished_at'):
+        if row[name] is not None:
+            row[name] = datetime.fromisoformat(row[name])
+    return row
+
+
+async def _write_spilled(conn: AsyncConnection, redis: Redis, workers: list[str]) -> dict[str, int]:
+    """Write the rows these workers handed to Redis; how many of each (their lists go after commit)."""
+    written = {}
+    for worker_id in workers:
+        rows = {
+            (row['job_id'], row['attempt']): row
+            for row in map(
+                _decode, await cast(Awaitable[list[bytes]], redis.lrange(spill_key(worker_id), 0, -1))
+            )
+        }
+        if rows:
+            driver: Any = (await conn.get_raw_connection()).driver_connection
+            await driver.execute(UPSERT, *_columns(list(rows.values())))
+        written[worker_id] = len(rows)
+    return written
+
+
+async def _settle(
+    conn: AsyncConnection,
+    redis: Redis,
+    dead: list[str],
+    now: datetime,
+    outcome: Callable[[JobResult], Outcome],
+) -> tuple[int, list[tuple[str, bool]]]:
+    """Give the running attempts of ``dead`` the outcome of arq's result, or mark them lost; how many
+    got an outcome, and (job_id, latest) of the lost ones."""
+    unsettled = [
+        (job_id, number) for job_id, number in await conn.execute(UNSETTLED, {'dead': dead, 'now': now})
+    ]
+    ended = await _results(redis, unsettled)
+    if ended:
+        outcomes = [outcome(result) for result in ended.values()]
+        await conn.execute(
+            RECORD_OUTCOMES,
+            {
+                'job_ids': [job_id for job_id, _ in ended],
+                'attempts': [number for _, number in ended],
+                'statuses': [status for status, _, _ in outcomes],
+                'finished': [result.finish_time for result in ended.values()],
+                'errors': [error for _, error, _ in outcomes],
+                'results': [_json(value) for _, _, value in outcomes],
+            },
+        )
+    lost = [attempt for attempt in unsettled if attempt not in ended]
+    params = {'job_ids': [j for j, _ in lost], 'attempts': [n for _, n in lost], 'now': now}
+    return len(ended), [(job_id, latest) for job_id, latest in await conn.execute(MARK_LOST, params)]

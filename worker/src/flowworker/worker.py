@@ -307,6 +307,8 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
+        # the flusher has put back what it was writing: what PostgreSQL did not take waits in Redis
+        await store.spill(infra.redis, settings.worker_id)
         await heartbeat.clear()
     logger.info('worker %s stopped', settings.worker_id, extra={**vars(jobs), 'records_written': flushed})
     return 0
