@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import time
 
@@ -43,6 +44,14 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.5):
         if value or time.monotonic() > deadline:
             return value
         time.sleep(interval)
+
+
+def exposure(host, unit: str) -> float:
+    """``systemd-analyze security``'s overall exposure of ``unit`` (0 safest, 10 unsafe)."""
+    last = host.check_output(f'systemd-analyze security --no-pager {shlex.quote(unit)}').splitlines()[-1]
+    match = re.search(r'exposure level for \S+: ([0-9.]+)', last)
+    assert match, last
+    return float(match[1])
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import re
 import shlex
 
 import pytest
-from conftest import SCENARIO, heartbeats, wait_for
+from conftest import SCENARIO, exposure, heartbeats, wait_for
 
 pytestmark = pytest.mark.skipif(SCENARIO != 'monitor', reason='monitor scenario only')
 
@@ -67,6 +67,10 @@ def test_the_unit_is_sandboxed_and_restarts_on_failure(host):
     ):
         assert line in unit.splitlines(), line
     assert host.run('systemd-analyze verify /etc/systemd/system/arq-monitor.service').rc == 0
+
+
+def test_the_unit_is_exposed_at_most_2_of_10(host):
+    assert exposure(host, 'arq-monitor.service') <= 2.0
 
 
 def test_its_own_virtualenv_has_the_monitor_extra(host):

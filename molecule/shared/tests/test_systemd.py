@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SCENARIO, heartbeats
+from conftest import SCENARIO, exposure, heartbeats
 
 pytestmark = pytest.mark.skipif(SCENARIO not in ('default', 'scale', 'pypi'), reason='systemd scenarios only')
 
@@ -49,6 +49,12 @@ def test_unit_has_the_guides_settings_and_more(host):
         r'--job-timeout 3600 --drain-timeout 20 '
     )
     assert host.run('systemd-analyze verify arq-worker@1.service').rc == 0
+
+
+def test_the_instances_and_the_prune_are_exposed_at_most_2_of_10(host):
+    # systemd-analyze security: 3.0 with the sandbox of before SystemCallFilter, ProtectProc, PrivateUsers
+    assert exposure(host, 'arq-worker@1.service') <= 2.0
+    assert exposure(host, 'arq-worker-prune.service') <= 2.0
 
 
 def test_one_heartbeat_per_instance(host, hostname):
