@@ -17,13 +17,18 @@ from .conftest import LAB, WORKERS, Lab, ansible_playbook
 # lab-db publishes the monitor's port 8080 here (inventories/lab/host_vars/lab-db.yml)
 MONITOR = 'http://127.0.0.1:42480'
 WORKER_ID = re.compile(r'lab-worker-\d+:arq-worker@\d+')
+# arq_monitor_read_token of inventories/lab/group_vars/all/stack.yml
+READ_TOKEN = 'lab-monitor-read-token-not-secret'
 
 
-def get(path: str) -> httpx.Response:
-    return httpx.get(MONITOR + path, timeout=30)
+def get(path: str, token: str | None = READ_TOKEN) -> httpx.Response:
+    headers = {'Authorization': f'Bearer {token}'} if token else {}
+    return httpx.get(MONITOR + path, headers=headers, timeout=30)
 
 
 def test_the_api_lists_exactly_the_labs_worker_processes(deployed: Lab) -> None:
+    assert get('/api/v1/task_queue/workers', token=None).status_code == 401
+    assert get('/healthz', token=None).status_code == 200
     response = get('/api/v1/task_queue/workers')
     assert response.status_code == 200
     listed = set(WORKER_ID.findall(response.text))

@@ -82,6 +82,8 @@ def test_the_dsns_and_the_monitor_token_come_from_the_inventory_and_its_vault(
         assert re.fullmatch(redis_url, host_var(inventory, host, f'{prefix}_redis_url', password_file))
     token = host_var(inventory, monitor, 'arq_monitor_token', password_file)
     assert re.fullmatch(rf'{inventory}-monitor-[0-9a-f]{{24}}', token)
+    read_token = host_var(inventory, monitor, 'arq_monitor_read_token', password_file)
+    assert re.fullmatch(rf'{inventory}-monitor-read-[0-9a-f]{{24}}', read_token)
 
 
 def test_the_vault_files_are_encrypted() -> None:

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from arq.connections import ArqRedis
 from fastapi.routing import APIRoute
@@ -213,7 +214,7 @@ async def test_the_openapi_document_lists_exactly_the_endpoints_and_they_answer(
     routes = {
         route.path: {method.lower() for method in route.methods or ()}
         for route in create_app(infra).routes
-        if isinstance(route, APIRoute)
+        if isinstance(route, APIRoute) and route.include_in_schema
     }
     await infra.shutdown()
     assert routes == ENDPOINTS
@@ -258,6 +259,61 @@ async def test_cancel_needs_the_token_and_records_the_job_cancelled(
         unknown = await client.post(f'{API}/tasks/no-such-job/cancel')
         assert (unknown.status_code, unknown.json()['outcome']) == (404, 'not_found')
     assert TOKEN not in monitor.output()
+    assert f'cancel of job {mix.running} asked from 127.0.0.1: cancelled' in monitor.output()
+
+
+READS = [
+    '/workers',
+    '/metrics',
+    '/openapi.json',
+    *(f'{API}/{name}' for name in ('workers', 'queues', 'tasks')),
+]
+READ_TOKEN = 'read-token-0123456789abcdef'
+
+
+async def test_with_a_read_token_every_read_needs_it_and_task_data_can_be_left_out(
+    stack: Stack, database: dict[str, str], tmp_path: Path
+) -> None:
+    mix = await known_mix(stack)
+    env = {
+        'DATABASE_URL': database['worker'],
+        'REDIS_URL': stack.env['REDIS_URL'],
+        'MONITOR_TOKEN': TOKEN,
+        'MONITOR_READ_TOKEN': READ_TOKEN,
+        'MONITOR_SHOW_TASK_DATA': 'false',
+    }
+    with MonitorProcess(env, tmp_path) as process:
+        async with process.client() as anonymous, process.client('wrong-token-0123456789') as wrong:
+            for path in READS:
+                for client in (anonymous, wrong):
+                    refused = await client.get(path)
+                    assert refused.status_code == 401, path
+                    assert refused.headers['www-authenticate'] == 'Bearer, Basic realm="flowworker monitor"'
+                    assert refused.headers['x-frame-options'] == 'DENY'
+            assert (await anonymous.get('/healthz')).status_code == 200
+        basic = httpx.AsyncClient(base_url=process.url, auth=('anyone', READ_TOKEN), timeout=30)
+        async with process.client(READ_TOKEN) as reader, process.client(TOKEN) as operator, basic:
+            for path in READS:
+                for client in (reader, operator, basic):
+                    assert (await client.get(path)).status_code == 200, path
+            tasks = (await reader.get(f'{API}/tasks')).json()['tasks']
+            failed = [task for task in tasks if task['job_id'] in mix.failed]
+            assert [task['status'] for task in failed] == ['failed', 'failed']
+            assert all(task['result'] is None and task['error'] is None for task in tasks)
+            # the read token is not the cancel token
+            assert (await reader.post(f'{API}/tasks/{mix.running}/cancel')).status_code == 401
+    assert READ_TOKEN not in process.output()
+
+
+async def test_every_response_has_the_security_headers(monitor: MonitorProcess) -> None:
+    async with monitor.client() as client:
+        for path in ('/healthz', '/workers', f'{API}/tasks', '/no-such-page'):
+            headers = (await client.get(path)).headers
+            assert headers['content-security-policy'].startswith("default-src 'none'")
+            assert headers['x-content-type-options'] == 'nosniff'
+            assert headers['x-frame-options'] == 'DENY'
+            assert headers['referrer-policy'] == 'no-referrer'
+            assert headers['cache-control'] == 'no-store'
 
 
 async def test_without_a_token_configured_cancel_is_refused_to_everyone(

@@ -2,7 +2,11 @@
 
 Needs the ``monitor`` extra (FastAPI, uvicorn, prometheus-client, Jinja2); workers do not. Every
 view is computed by :mod:`.fleet`, as ``flowworker status`` is; the only change the service makes
-is cancelling a job, and only for a caller with the bearer token ``MONITOR_TOKEN``.
+is cancelling a job, and only for a caller with the bearer token ``MONITOR_TOKEN`` (each cancel is
+logged with the client's address). With ``MONITOR_READ_TOKEN`` every read but ``/healthz`` needs
+that token (or ``MONITOR_TOKEN``) as a bearer token or as the password of HTTP basic auth, which a
+browser asks for; ``MONITOR_SHOW_TASK_DATA=false`` leaves the tasks' results and errors out. Every
+response carries security headers (:data:`SECURITY_HEADERS`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,11 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicCredentials, HTTPBearer
 from jinja2 import Environment, PackageLoader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
@@ -51,8 +55,19 @@ CANCEL_STATUS = {
     control.Outcome.finished: 409,
 }
 
+SECURITY_HEADERS = {
+    # the page has its styles inline and nothing else; nothing may frame it
+    'Content-Security-Policy': "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
+    "base-uri 'none'; form-action 'none'",
+    'X-Content-Type-Options': 'nosniff',
+    'X-Frame-Options': 'DENY',
+    'Referrer-Policy': 'no-referrer',
+    'Cache-Control': 'no-store',
+}
+
 pages = Environment(loader=PackageLoader('flowworker'), autoescape=True)
-bearer = HTTPBearer(auto_error=False, description='the MONITOR_TOKEN of the service')
+bearer = HTTPBearer(auto_error=False, description='MONITOR_TOKEN (cancel), or MONITOR_READ_TOKEN (reads)')
+basic = HTTPBasic(auto_error=False, description='any user name, MONITOR_READ_TOKEN as the password (reads)')
 
 
 class Workers(BaseModel):
@@ -87,6 +102,34 @@ def _infra(request: Request) -> Infrastructure:
 Infra = Annotated[Infrastructure, Depends(_infra)]
 
 
+def _matches(given: str, token: SecretStr | None) -> bool:
+    return token is not None and secrets.compare_digest(given.encode(), token.get_secret_value().encode())
+
+
+def _may_read(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
+    login: Annotated[HTTPBasicCredentials | None, Security(basic)],
+) -> None:
+    """With MONITOR_READ_TOKEN set, the caller presented it (or MONITOR_TOKEN), as a bearer token or
+    a basic-auth password; without it, anyone may read."""
+    settings = request.app.state.infra.settings
+    if settings.monitor_read_token is None:
+        return
+    given = (
+        credentials.credentials if credentials is not None else login.password if login is not None else None
+    )
+    if given is not None and (
+        _matches(given, settings.monitor_read_token) or _matches(given, settings.monitor_token)
+    ):
+        return
+    raise HTTPException(
+        401,
+        'a token is required' if given is None else 'the token is wrong',
+        headers={'WWW-Authenticate': 'Bearer, Basic realm="flowworker monitor"'},
+    )
+
+
 def _authorized(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
 ) -> None:
@@ -96,7 +139,7 @@ def _authorized(
         detail = 'cancel is disabled: the service has no MONITOR_TOKEN'
     elif credentials is None:
         detail = 'a bearer token is required'
-    elif secrets.compare_digest(credentials.credentials.encode(), token.get_secret_value().encode()):
+    elif _matches(credentials.credentials, token):
         return
     else:
         detail = 'the bearer token is wrong'
@@ -192,23 +235,36 @@ def create_app(infra: Infrastructure) -> FastAPI:
         description='The flowworker fleet: live workers, queues, task records; cancel a job.',
         docs_url=None,  # Swagger UI and ReDoc load from a CDN; /openapi.json is the document
         redoc_url=None,
+        openapi_url=None,  # served below, behind the read token
     )
     app.state.infra = infra
     for error in (RedisError, SQLAlchemyError, OSError):
         app.add_exception_handler(error, _unreachable)
 
-    @app.get(f'{API}/workers', tags=['task queue'])
+    @app.middleware('http')
+    async def security_headers(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    reads = [Depends(_may_read)]
+
+    @app.get('/openapi.json', include_in_schema=False, dependencies=reads)
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get(f'{API}/workers', tags=['task queue'], dependencies=reads)
     async def list_workers(infra: Infra) -> Workers:
         """The live worker processes, from their heartbeat keys ``arq:worker:<worker-id>``."""
         return Workers(workers=await fleet.workers(infra.redis))
 
-    @app.get(f'{API}/queues', tags=['task queue'])
+    @app.get(f'{API}/queues', tags=['task queue'], dependencies=reads)
     async def list_queues(infra: Infra) -> Queues:
         """Every queue with jobs or a live worker (``ZCARD arq:queue:<name>``), and the task rates."""
         found = await fleet.fleet(infra.redis, infra.engine)
         return Queues(queues=found.queues, rates=found.rates)
 
-    @app.get(f'{API}/tasks', tags=['task queue'])
+    @app.get(f'{API}/tasks', tags=['task queue'], dependencies=reads)
     async def list_tasks(
         infra: Infra,
         status: Status | None = None,
@@ -224,6 +280,8 @@ def create_app(infra: Infrastructure) -> FastAPI:
         except ValueError as e:
             raise HTTPException(422, f'older_than: {e}') from None
         found = await fleet.tasks(infra.engine, status=status, flow=flow, older_than=age, limit=limit)
+        if not infra.settings.monitor_show_task_data:
+            found = [task.model_copy(update={'result': None, 'error': None}) for task in found]
         return Tasks(tasks=found)
 
     @app.post(
@@ -238,13 +296,15 @@ def create_app(infra: Infrastructure) -> FastAPI:
             409: {'model': Cancelled, 'description': 'the job has already finished'},
         },
     )
-    async def cancel_task(job_id: str, infra: Infra) -> JSONResponse:
+    async def cancel_task(job_id: str, infra: Infra, request: Request) -> JSONResponse:
         """Abort a queued or running job (arq abort); its worker records it ``cancelled``."""
         result = await control.cancel(infra.redis, job_id, CANCEL_WAIT)
+        client = request.client.host if request.client else 'an unknown address'
+        logger.warning('cancel of job %s asked from %s: %s', job_id, client, result.outcome.value)
         body = Cancelled(job_id=job_id, outcome=result.outcome, detail=result.detail)
         return JSONResponse(body.model_dump(mode='json'), status_code=CANCEL_STATUS[result.outcome])
 
-    @app.get('/workers', response_class=HTMLResponse, tags=['pages'])
+    @app.get('/workers', response_class=HTMLResponse, tags=['pages'], dependencies=reads)
     async def workers_page(infra: Infra) -> str:
         """The fleet, its queues and rates as a page that reloads itself."""
         found = await fleet.fleet(infra.redis, infra.engine)
@@ -252,7 +312,7 @@ def create_app(infra: Infrastructure) -> FastAPI:
             fleet=found, report=report, refresh=PAGE_REFRESH, version=VERSION
         )
 
-    @app.get('/metrics', response_class=Response, tags=['metrics'])
+    @app.get('/metrics', response_class=Response, tags=['metrics'], dependencies=reads)
     async def metrics(infra: Infra) -> Response:
         """Prometheus text: workers, queue lengths, completions and failures by flow, heartbeat ages."""
         found = await fleet.fleet(infra.redis, infra.engine)

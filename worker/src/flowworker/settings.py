@@ -139,6 +139,18 @@ class Settings(BaseSettings):
         'unset: cancel is refused',
         default=None,
     )
+    monitor_read_token: SecretStr | None = _env(
+        'MONITOR_READ_TOKEN',
+        'token every read but /healthz then requires, as a bearer token or the password of HTTP basic '
+        f'auth (at least {MIN_TOKEN_LENGTH} characters; MONITOR_TOKEN is accepted too); '
+        'unset: reads are open',
+        default=None,
+    )
+    monitor_show_task_data: bool = _env(
+        'MONITOR_SHOW_TASK_DATA',
+        "show each task's result and error in the API (false: they are left out)",
+        default=True,
+    )
 
     # --- logging and paths ------------------------------------------------------------------
     log_level: Literal['DEBUG', 'INFO', 'WARNING', 'ERROR'] = _env(
@@ -192,7 +204,7 @@ class Settings(BaseSettings):
             raise ValueError('must be a redis://, rediss:// or unix:// URL')
         return value
 
-    @field_validator('monitor_token', mode='after')
+    @field_validator('monitor_token', 'monitor_read_token', mode='after')
     @classmethod
     def _check_monitor_token(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
