@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
@@ -37,6 +38,22 @@ def test_service_is_enabled_and_running(host):
     assert host.service('postgresql@15-main').is_running
     assert host.service('postgresql@15-main').is_enabled
     assert host.service('postgresql').is_enabled
+
+
+def test_the_cluster_runs_sandboxed_and_still_reloads(host):
+    # Debian's unit alone: 9.6 (UNSAFE); the role's drop-in, postgresql@.service.d/60-flowworker.conf
+    last = host.check_output('systemd-analyze security --no-pager postgresql@15-main.service').splitlines()[
+        -1
+    ]
+    exposure = re.search(r'exposure level for \S+: ([0-9.]+)', last)
+    assert exposure, last
+    assert float(exposure[1]) <= 5.0
+    assert (
+        host.check_output('systemctl show --property User --value postgresql@15-main.service') == 'postgres'
+    )
+    assert host.run('systemctl reload postgresql@15-main.service').rc == 0
+    assert 'server is running' in host.check_output('pg_ctlcluster 15 main status')
+    assert value(host, 'SELECT 1') == '1'
 
 
 def test_listens_on_all_addresses(host):
