@@ -37,7 +37,23 @@ async def is_draining(stack: Stack, worker_id: str) -> bool:
     return beat is not None and json.loads(beat)['state'] == 'draining'
 
 
-async def killed_after_its_result(stack: Stack, worker: WorkerProcess, tmp_path: Path, **params: str) -> str:
+async def end_its_connections(superuser_url: str, worker: WorkerProcess) -> None:
+    """End the PostgreSQL sessions of the killed ``worker``: a statement it sent just before it
+    died, waiting for a lock, would otherwise run once the lock goes (the server does not check
+    whether the client still listens)."""
+    conn = await asyncpg.connect(superuser_url)
+    try:
+        name = f'flowworker worker {worker.worker_id}'
+        query = 'SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1'
+        while await conn.fetchval(query, name):
+            await asyncio.sleep(0.05)
+    finally:
+        await conn.close()
+
+
+async def killed_after_its_result(
+    stack: Stack, superuser_url: str, worker: WorkerProcess, tmp_path: Path, **params: str
+) -> str:
     """Run a job on ``worker`` and SIGKILL it once arq has stored the job's result and before its
     final record is written (held by a lock, not by luck); the job's id."""
     release = tmp_path / 'release'
@@ -54,6 +70,7 @@ async def killed_after_its_result(stack: Stack, worker: WorkerProcess, tmp_path:
         await stack.wait_for(lambda: stack.redis.exists(result_key_prefix + job_id), 10, "arq's result")
         os.kill(worker.pid, signal.SIGKILL)
         worker.wait()
+        await end_its_connections(superuser_url, worker)
     assert [a['status'] for a in await stack.attempts(job_id)] == ['running']
     return job_id
 
@@ -76,10 +93,10 @@ async def assert_settled_from_the_result(
 
 @pytest.mark.parametrize(('params', 'status'), [({}, 'succeeded'), ({'fail': 'no luck'}, 'failed')])
 async def test_a_job_killed_after_its_result_is_recorded_as_it_ended_on_restart(
-    stack: Stack, tmp_path: Path, params: dict[str, str], status: str
+    stack: Stack, postgres_server: PostgresServer, tmp_path: Path, params: dict[str, str], status: str
 ) -> None:
     worker = await stack.start_worker()
-    job_id = await killed_after_its_result(stack, worker, tmp_path, **params)
+    job_id = await killed_after_its_result(stack, postgres_server.dsn(), worker, tmp_path, **params)
 
     # the same worker id coming back (a systemd instance restarting) settles its old attempt
     again = await stack.start_worker(FLOWWORKER_WORKER_ID=worker.worker_id)
@@ -89,14 +106,14 @@ async def test_a_job_killed_after_its_result_is_recorded_as_it_ended_on_restart(
 
 
 async def test_a_job_killed_after_its_result_is_recorded_succeeded_by_the_sweep(
-    stack: Stack, tmp_path: Path
+    stack: Stack, postgres_server: PostgresServer, tmp_path: Path
 ) -> None:
     workers = [await stack.start_worker(), await stack.start_worker()]
     doomed, survivor = workers
     # the survivor is quiet: the job goes to the one that will be killed
     survivor.signal(signal.SIGUSR1)
     await stack.wait_for(lambda: is_draining(stack, survivor.worker_id), 10, 'the quiet heartbeat')
-    job_id = await killed_after_its_result(stack, doomed, tmp_path)
+    job_id = await killed_after_its_result(stack, postgres_server.dsn(), doomed, tmp_path)
 
     # nobody restarts: the survivor's sweep finds the heartbeat gone twice in a row
     await assert_settled_from_the_result(stack, job_id, doomed.worker_id, tmp_path / 'release')

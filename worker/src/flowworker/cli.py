@@ -286,7 +286,10 @@ def run_worker(args: argparse.Namespace) -> int:
     registry.load(settings.flow_modules, settings.project_root)
 
     async def main() -> int:
-        infra = await initialize(settings, connect_retries=30)
+        # pg_stat_activity names each worker's connections
+        infra = await initialize(
+            settings, connect_retries=30, application_name=f'flowworker worker {settings.worker_id}'
+        )
         try:
             return await serve(infra, registry)
         finally:

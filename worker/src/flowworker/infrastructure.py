@@ -41,7 +41,8 @@ class Infrastructure:
         await self.engine.dispose()
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
+def create_engine(settings: Settings, application_name: str = 'flowworker') -> AsyncEngine:
+    """The SQLAlchemy pool; its connections show ``application_name`` in pg_stat_activity."""
     url, connect_args = settings.sqlalchemy_url()
     return create_async_engine(
         url,
@@ -52,6 +53,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
         connect_args={
             'timeout': DATABASE_CONNECT_TIMEOUT,
             'command_timeout': DATABASE_COMMAND_TIMEOUT,
+            'server_settings': {'application_name': application_name[:63]},
             **connect_args,
         },
         json_serializer=lambda value: json.dumps(value, default=repr),
@@ -73,13 +75,14 @@ async def initialize(
     *,
     env_file: Path | None = None,
     connect_retries: int = 5,
+    application_name: str = 'flowworker',
     **overrides: Any,
 ) -> Infrastructure:
     """Connect to PostgreSQL and Redis with ``settings`` (or those loaded from ``env_file``)."""
     settings = settings or load_settings(env_file, **overrides)
     settings.require_database()
     settings.require_redis()
-    engine = create_engine(settings)
+    engine = create_engine(settings, application_name)
     try:
         redis = await create_redis(settings, connect_retries)
     except BaseException:
