@@ -55,7 +55,8 @@ def args(**changes: Any) -> dict[str, Any]:
         'log_dir': '/var/log/arq-worker',
         'record_retention': '30d',
         'record_prune_schedule': 'daily',
-        'prunes': False,
+        'record_prune_host': 'worker-1',
+        'inventory_hostname': 'worker-2',
     }
     return {**base, **changes}
 
@@ -105,21 +106,19 @@ def test_the_pools_are_derived_with_their_names_and_max_jobs() -> None:
             "arq_worker_version must be set when arq_worker_install_method is 'pypi'",
         ),
         ({'log_dir': 'logs'}, 'must be absolute paths'),
-        (
-            {'record_retention': '30 days'},
-            'arq_worker_record_retention must be a duration such as 12h or 30d',
-        ),
+        ({'record_retention': '30 days'}, 'arq_worker_record_retention must be a duration with its unit'),
+        ({'record_retention': '30'}, 'arq_worker_record_retention must be a duration with its unit'),
         (
             {'record_prune_schedule': 'daily; rm'},
             'arq_worker_record_prune_schedule must be a systemd OnCalendar',
         ),
         (
-            {'prunes': True},
+            {'inventory_hostname': 'worker-1'},
             'arq_worker_record_retention is 30d: this host (arq_worker_record_prune_host) prunes',
         ),
         (
             {
-                'prunes': True,
+                'inventory_hostname': 'worker-1',
                 'db_owner_url': 'postgresql://o:pw@db/flows',
                 'service_mgr': 'openrc',
                 'process_manager': 'supervisor',
@@ -140,7 +139,14 @@ def test_a_pool_named_rpc_is_fine_under_systemd() -> None:
     validate.check(given, derive(given))
 
 
-@pytest.mark.parametrize('retention', ['0', 0, '12h', '30d', '90', '1.5d'])
-def test_a_retention_is_a_duration_or_0(retention: object) -> None:
-    given = args(record_retention=retention, prunes=True, db_owner_url='postgresql://o:pw@db/flows')
+@pytest.mark.parametrize(
+    ('retention', 'prunes'),
+    [('0', False), (0, False), ('0d', False), ('0.0h', False), ('12h', True), ('1.5d', True)],
+)
+def test_a_retention_of_zero_in_any_unit_keeps_every_record(retention: object, prunes: bool) -> None:
+    given = args(
+        record_retention=retention, inventory_hostname='worker-1', db_owner_url='postgresql://o:pw@db/flows'
+    )
     validate.check(given, derive(given))
+    assert validate.prunes(given) is prunes
+    assert validate.prunes({**given, 'inventory_hostname': 'worker-2'}) is False

@@ -184,6 +184,7 @@ async def test_the_worker_role_cannot_prune(stack: Stack) -> None:
     ('args', 'message'),
     [
         (['--older-than', 'a month'], "argument --older-than: 'a month' is not a duration"),
+        (['--older-than', '0d'], "argument --older-than: '0d' must be more than 0"),
         (
             ['--older-than', '30d', '--batch', '0'],
             "argument --batch: '0' is not a whole number of at least 1",
@@ -219,3 +220,13 @@ async def test_records_postgresql_did_not_take_before_shutdown_wait_in_redis_for
     assert attempt['result'] == '{"n": 7}'
     assert 'wrote 1 task records that workers handed to Redis at shutdown' in other.output()
     assert not await stack.redis.exists(spill_key(worker.worker_id), SPILLED_KEY)
+
+
+async def test_a_result_jsonb_cannot_hold_is_recorded_as_text_and_the_records_go_on(stack: Stack) -> None:
+    await stack.start_worker()
+    odd = await stack.enqueue('demo.echo', {'ratio': float('nan'), 'name': 'a\x00b'})
+    plain = await stack.enqueue('demo.echo', {'n': 1})
+    records = {task['job_id']: task for task in await stack.wait_final([odd, plain])}
+    assert records[odd]['status'] == 'succeeded'
+    assert records[odd]['result'] == "\"{'ratio': nan, 'name': 'a\\\\x00b'}\""
+    assert records[plain]['result'] == '{"n": 1}'

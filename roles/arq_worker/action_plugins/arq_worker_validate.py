@@ -32,7 +32,9 @@ QUEUE = re.compile(r'^[A-Za-z0-9_.:-]+$')
 ENV_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
 LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
 # flowworker's durations (`db prune --older-than`); 0 keeps every record
-RETENTION = re.compile(r'^(0|[0-9]+(\.[0-9]+)?[smhd]?)$')
+# a duration with its unit (a bare 30 would be seconds), or 0
+RETENTION = re.compile(r'^([0-9]+(?:\.[0-9]+)?)([smhd])$|^0$')
+RETENTION_UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
 CALENDAR = re.compile(r'^[A-Za-z0-9*:,./~ -]+$')
 
 
@@ -207,15 +209,35 @@ def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
         )
 
 
+def retention_seconds(value: Any) -> float:
+    """arq_worker_record_retention in seconds (0: keep every record); Invalid if it is no duration."""
+    match = RETENTION.match(str(value).strip())
+    if not match:
+        raise Invalid(
+            'arq_worker_record_retention must be a duration with its unit (s, m, h, d) such as 12h or 30d, '
+            'or 0 to keep every record '
+            f'(got {str(value).strip()!r}).'
+        )
+    return float(match[1]) * RETENTION_UNITS[match[2]] if match[1] else 0.0
+
+
+def prunes(args: dict[str, Any]) -> bool:
+    """This host runs the prune timer: it is arq_worker_record_prune_host and records are not kept forever."""
+    return (
+        args['inventory_hostname'] == args['record_prune_host']
+        and retention_seconds(args['record_retention']) > 0
+    )
+
+
 def check_retention(args: dict[str, Any]) -> None:
     retention = str(args['record_retention']).strip()
-    if not RETENTION.match(retention) or not CALENDAR.match(str(args['record_prune_schedule'])):
+    retention_seconds(retention)
+    if not CALENDAR.match(str(args['record_prune_schedule'])):
         raise Invalid(
-            f'arq_worker_record_retention must be a duration such as 12h or 30d, or 0 to keep every record '
-            f'(got {retention!r}); arq_worker_record_prune_schedule must be a systemd OnCalendar '
-            f'expression such as daily or "*-*-* 03:00:00" (got {args["record_prune_schedule"]!r}).'
+            'arq_worker_record_prune_schedule must be a systemd OnCalendar expression such as daily or '
+            f'"*-*-* 03:00:00" (got {args["record_prune_schedule"]!r}).'
         )
-    if not args['prunes']:
+    if not prunes(args):
         return
     if args['service_mgr'] != 'systemd' or not DSN.match(args['db_owner_url']):
         raise Invalid(
@@ -240,4 +262,4 @@ class ActionModule(ActionBase):
             check(args, derived)
         except Invalid as exc:
             return {**result, 'failed': True, 'msg': str(exc)}
-        return {**result, 'changed': False, 'pools': derived}
+        return {**result, 'changed': False, 'pools': derived, 'prunes': prunes(args)}

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     db_prune.add_argument(
         '--older-than',
-        type=_duration,
+        type=_age,
         required=True,
         metavar='AGE',
         help='finished more than AGE ago: 12h, 30d',
@@ -185,6 +185,14 @@ def _duration(value: str) -> float:
         return parse_duration(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _age(value: str) -> float:
+    """A duration above 0: a prune --older-than 0 would delete every finished job."""
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f'{value!r} must be more than 0 (12h, 30d)')
+    return seconds
 
 
 def _add_operations(commands: Any) -> None:

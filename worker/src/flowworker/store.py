@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, cast
@@ -32,6 +33,7 @@ from arq.constants import result_key_prefix
 from arq.jobs import DeserializationError, JobResult, deserialize_result
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, backoff, describe_error
@@ -103,13 +105,25 @@ UNSETTLED = text(
 ).bindparams(bindparam('dead', expanding=True))
 
 
+# a JSON escape of NUL that is not itself escaped: jsonb (like text) cannot hold NUL
+_JSON_NUL = re.compile(r'(?<!\\)((?:\\\\)*)\\u0000')
+
+
 def _json(result: Any) -> str | None:
-    return None if result is None else json.dumps(result, default=repr)
+    """A result as JSON that jsonb takes: no NaN or Infinity (then its repr), no NUL."""
+    if result is None:
+        return None
+    try:
+        encoded = json.dumps(result, default=repr, allow_nan=False)
+    except ValueError:
+        encoded = json.dumps(repr(result))
+    return _JSON_NUL.sub(r'\1', encoded) if '\\u0000' in encoded else encoded
 
 
 def _columns(rows: list[Row]) -> list[list[Any]]:
-    """The batch as one list per column, results as JSON text."""
+    """The batch as one list per column, results as JSON text, errors without NUL."""
     columns = [[row[name] for row in rows] for name in COLUMNS]
+    columns[-2] = [e.replace('\x00', '') if isinstance(e, str) else e for e in columns[-2]]
     columns[-1] = [_json(r) for r in columns[-1]]
     return columns
 
@@ -309,7 +323,16 @@ async def _write_spilled(conn: AsyncConnection, redis: Redis, workers: list[str]
         }
         if rows:
             driver: Any = (await conn.get_raw_connection()).driver_connection
-            await driver.execute(UPSERT, *_columns(list(rows.values())))
+            try:
+                async with conn.begin_nested():
+                    await driver.execute(UPSERT, *_columns(list(rows.values())))
+            except DBAPIError as e:  # rows PostgreSQL will never take: they must not block the rest
+                logger.error(
+                    'cannot write the %d task records %s handed to Redis, dropped: %s',
+                    len(rows),
+                    worker_id,
+                    e,
+                )
         written[worker_id] = len(rows)
     return written
 

@@ -275,7 +275,13 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
         infra=infra, registry=registry, store=store, heartbeat=heartbeat, wakeup=wakeup, jobs=jobs
     )
 
-    await _release_lost_jobs(infra, store)
+    try:
+        await _release_lost_jobs(infra, store)
+    except (*REDIS_ERRORS, *DATABASE_ERRORS) as e:
+        logger.warning(
+            'cannot settle the records of workers that are gone (the sweep tries again): %s',
+            describe_error(e),
+        )
     await heartbeat.beat()
     background = [
         asyncio.create_task(store.run(), name='flowworker-store'),
