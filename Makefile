@@ -62,7 +62,7 @@ lab-down: bootstrap ## remove the lab fleet and everything it made
 
 lint: bootstrap ## static checks: ruff, mypy --strict, tests/static (planner, role docs, inventories), yamllint, ansible-lint, syntax
 	cd worker && ruff check . && ruff format --check . && mypy src tests bench
-	ruff check tests roles molecule bench && ruff format --check tests roles molecule bench
+	ruff check tests roles collections molecule bench && ruff format --check tests roles collections molecule bench
 	pytest -q tests/static
 	yamllint .
 	ansible-lint

@@ -81,6 +81,29 @@ def pools(raw_pools: list[dict[str, Any]], defaults: dict[str, Any], manager: st
     return out
 
 
+def unit_files(derived: list[dict], unit_dir: str, verify_unit: str) -> list[dict[str, Any]]:
+    """Every pool's template unit and target, as flowworker.fleet.files entries (tasks/configure.yml)."""
+    files = []
+    for pool in derived:
+        prefix = pool['prefix']
+        for name, template, extra in (
+            (f'{prefix}@.service', 'arq-worker@.service.j2', {'__arq_worker_instance_name': f'{prefix}@%i'}),
+            (f'{prefix}.target', 'arq-worker.target.j2', {}),
+        ):
+            files.append(
+                {
+                    'path': f'{unit_dir}/{name}',
+                    'template': f'etc/systemd/system/{template}',
+                    'vars': {'__arq_worker_pool': pool, **extra},
+                    'owner': 'root',
+                    'group': 'root',
+                    'mode': '0644',
+                    'validate': f'{verify_unit} %s {name}',
+                }
+            )
+    return files
+
+
 def _instances_ok(value: Any) -> bool:
     whole = isinstance(value, int) or re.match(r'^[0-9]+$', str(value)) is not None
     return whole and 0 <= _int(value) <= 99
@@ -262,4 +285,14 @@ class ActionModule(ActionBase):
             check(args, derived)
         except Invalid as exc:
             return {**result, 'failed': True, 'msg': str(exc)}
-        return {**result, 'changed': False, 'pools': derived, 'prunes': prunes(args)}
+        return {
+            **result,
+            'changed': False,
+            'pools': derived,
+            'prunes': prunes(args),
+            'unit_files': (
+                unit_files(derived, args['unit_dir'], args['verify_unit'])
+                if args['process_manager'] == 'systemd'
+                else []
+            ),
+        }

@@ -1,0 +1,161 @@
+"""flowworker.fleet.files, run by ansible-playbook on this machine (connection local) in a temporary dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from ..conftest import ROOT
+
+SECRET = 'PASSWORD=not-to-be-printed-7f3a'
+ANSIBLE_PLAYBOOK = (
+    'ansible-playbook',
+    '-i',
+    'localhost,',
+    '-c',
+    'local',
+    '-e',
+    f'ansible_python_interpreter={sys.executable}',
+)
+
+
+def run(
+    tmp_path: Path, *tasks: list[dict[str, Any]], flags: tuple[str, ...] = ()
+) -> tuple[list[dict[str, Any]], str]:
+    """One play, a files task per list of entries: their results, and all that ansible-playbook printed."""
+    playbook = tmp_path / 'play.yml'
+    templates = tmp_path / 'templates'
+    templates.mkdir(exist_ok=True)
+    (templates / 'greeting.j2').write_text('# {{ ansible_managed }}\nhello {{ who }}\n')
+    steps: list[dict[str, Any]] = [
+        {'flowworker.fleet.files': {'files': files}, 'register': f'result{i}', 'ignore_errors': True}
+        for i, files in enumerate(tasks)
+    ]
+    results = '[' + ', '.join(f'result{i}' for i in range(len(tasks))) + ']'
+    steps.append(
+        {
+            'ansible.builtin.copy': {
+                'content': '{{ ' + results + ' | to_json }}',
+                'dest': str(tmp_path / 'result.json'),
+            },
+            'check_mode': False,
+        }
+    )
+    playbook.write_text(json.dumps([{'hosts': 'localhost', 'gather_facts': False, 'tasks': steps}]))
+    proc = subprocess.run(
+        [*ANSIBLE_PLAYBOOK, str(playbook), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, 'ANSIBLE_CONFIG': str(ROOT / 'ansible.cfg'), 'ANSIBLE_NOCOLOR': '1'},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / 'result.json').read_text())
+    (tmp_path / 'result.json').unlink()
+    return result, proc.stdout + proc.stderr
+
+
+def entries(root: Path) -> list[dict[str, Any]]:
+    return [
+        {'path': str(root), 'state': 'directory', 'mode': '0750'},
+        {
+            'path': str(root / 'greeting.conf'),
+            'template': 'greeting.j2',
+            'vars': {'who': 'fleet'},
+            'mode': '0644',
+        },
+        {'path': str(root / 'app.env'), 'content': SECRET + '\n', 'mode': '0600', 'secret': True},
+        {'path': str(root / 'current'), 'state': 'link', 'target': 'greeting.conf'},
+        {'path': str(root / 'old.conf'), 'state': 'absent'},
+    ]
+
+
+def test_converges_in_one_run_and_a_second_run_changes_nothing(tmp_path: Path) -> None:
+    root = tmp_path / 'etc'
+    (tmp_path / 'etc').mkdir()
+    (root / 'old.conf').write_text('left from an earlier release\n')
+    [result, again], _ = run(tmp_path, entries(root), entries(root))
+    assert result['changed'] is True
+    assert result['changed_paths'] == [
+        str(root),
+        *(str(root / name) for name in ('greeting.conf', 'app.env', 'current', 'old.conf')),
+    ]
+    assert (root / 'greeting.conf').read_text() == '# Ansible managed\nhello fleet\n'
+    assert stat.S_IMODE(root.stat().st_mode) == 0o750
+    assert stat.S_IMODE((root / 'app.env').stat().st_mode) == 0o600
+    assert os.readlink(root / 'current') == 'greeting.conf'
+    assert not (root / 'old.conf').exists()
+    assert again['changed'] is False
+    assert again['changed_paths'] == []
+
+
+def test_check_mode_reports_and_writes_nothing_and_the_diff_names_each_path(tmp_path: Path) -> None:
+    root = tmp_path / 'etc'
+    root.mkdir()
+    (root / 'greeting.conf').write_text('hello world\n')
+    [result], output = run(tmp_path, entries(root), flags=('--check', '--diff'))
+    assert result['changed'] is True
+    assert (root / 'greeting.conf').read_text() == 'hello world\n'
+    assert not (root / 'app.env').exists()
+    assert not (root / 'current').exists()
+    assert f'+++ after: {root / "greeting.conf"}' in output
+    assert '-hello world' in output
+    assert '+hello fleet' in output
+
+
+def test_a_secret_is_never_printed_not_even_with_diff_and_vvv(tmp_path: Path) -> None:
+    root = tmp_path / 'etc'
+    root.mkdir()
+    [result], output = run(tmp_path, entries(root)[2:3], flags=('--diff', '-vvv'))
+    assert result['changed'] is True
+    assert SECRET not in output
+    assert '(content changed, not shown)' in output
+    assert (root / 'app.env').read_text() == SECRET + '\n'
+
+
+def test_a_candidate_that_fails_validation_leaves_the_old_file(tmp_path: Path) -> None:
+    root = tmp_path / 'etc'
+    root.mkdir()
+    (root / 'app.conf').write_text('good\n')
+    bad = {'path': str(root / 'app.conf'), 'content': 'bad\n', 'mode': '0644', 'validate': 'grep -q good %s'}
+    [result], _ = run(tmp_path, [bad])
+    assert result['failed'] is True
+    assert 'failed validation' in result['msg']
+    assert str(root / 'app.conf') in result['msg']
+    assert (root / 'app.conf').read_text() == 'good\n'
+    assert sorted(p.name for p in root.iterdir()) == ['app.conf']
+
+
+BAD_ENTRIES = [
+    ({'state': 'file', 'content': 'x'}, 'state file needs a mode'),
+    ({'state': 'file', 'content': 'x', 'mode': 'rw-r--r--'}, "mode must be an octal string such as '0644'"),
+    (
+        {'state': 'file', 'content': 'x', 'mode': '0644', 'owner': 'no-such-user-here'},
+        "owner 'no-such-user-here' is not a user",
+    ),
+    ({'state': 'link'}, 'state link needs a target'),
+    ({'state': 'file', 'content': 'x', 'mode': '0644', 'validate': 'true'}, 'validate must contain %s'),
+    (
+        {'content': 'x', 'template': 'greeting.j2', 'mode': '0644'},
+        'give one of template, src, content, not template and content',
+    ),
+]
+
+
+def test_bad_entries_fail_naming_the_path_and_the_rule_and_write_nothing(tmp_path: Path) -> None:
+    paths = [tmp_path / f'target{i}.conf' for i in range(len(BAD_ENTRIES))]
+    results, _ = run(
+        tmp_path,
+        *([{'path': str(path), **entry}] for path, (entry, _) in zip(paths, BAD_ENTRIES, strict=True)),
+    )
+    for path, (_, message), result in zip(paths, BAD_ENTRIES, results, strict=True):
+        assert result['failed'] is True
+        assert message in result['msg']
+        assert str(path) in result['msg']
+        assert not path.exists()
