@@ -21,7 +21,7 @@ APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-d
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 
-.PHONY: help bootstrap image lab deploy demo lab-down test lint test-worker test-roles test-e2e bench bench-deploy clean
+.PHONY: help bootstrap lock image lab deploy demo lab-down test lint test-worker test-roles test-e2e bench bench-deploy clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -37,13 +37,20 @@ $(STAMPS)/apt: Makefile | $(STAMPS)
 	fi
 	touch $@
 
-$(STAMPS)/venv: requirements.txt worker/pyproject.toml | $(STAMPS)/apt
+# the worker's dependencies at the versions of its lock file, as on the hosts
+$(STAMPS)/venv: requirements.txt worker/pyproject.toml worker/requirements.lock | $(STAMPS)/apt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt -e "./worker[monitor]"
+	$(BIN)/pip install -q -r requirements.txt -c worker/requirements.lock -e "./worker[monitor]"
 	touch $@
 
 bootstrap: $(STAMPS)/venv ## install Debian packages, the venv and the worker (idempotent)
+
+# the hosts' platform (Debian 12's python), for which the lock is resolved
+LOCK_PLATFORM := --python-version 3.11.2 --arch x86_64
+lock: bootstrap ## pin the worker's whole dependency tree (with its extras) in worker/requirements.lock
+	python roles/arq_worker/files/build_wheelhouse.py --out build/lock/wheelhouse $(LOCK_PLATFORM) --extra monitor --write-lock worker/requirements.lock worker >/dev/null
+	@echo "worker/requirements.lock: $$(grep -c '==' worker/requirements.lock) packages"
 
 image: bootstrap ## build the systemd test image (once; again when its recipe changes)
 	images/build-test-image.sh

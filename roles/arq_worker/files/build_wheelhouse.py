@@ -13,6 +13,10 @@ wheels is written beside them so the role copies one file to each host.
 ``--extra NAME`` adds an optional extra (e.g. ``monitor``) of the local packages that provide
 it, with its dependencies; a name no local package provides is an error.
 
+``--constraint FILE`` (the worker's ``requirements.lock``) pins every dependency to the version
+it lists, so two builds of the same sources hold the same wheels. ``--write-lock FILE`` builds
+without it and writes the versions it resolved there (``make lock``).
+
 Prints one JSON object: changed, id (hash of the wheels), packages (project names of the local
 packages, with the extras they were built with: ``flowworker[monitor]``), tarball, wheels.
 """
@@ -125,7 +129,14 @@ def missing_requirements(
 
 
 def build(
-    out: Path, sources: list[Path], python_version: str, arch: str, glibc: str, *, extras: list[str]
+    out: Path,
+    sources: list[Path],
+    python_version: str,
+    arch: str,
+    glibc: str,
+    *,
+    extras: list[str],
+    constraint: Path | None,
 ) -> dict[str, object]:
     nodot = ''.join(python_version.split('.')[:2])
     major, minor = (int(part) for part in glibc.split('.')[:2])
@@ -183,6 +194,7 @@ def build(
                     *(arg for tag in platforms for arg in ('--platform', tag)),
                     '-d',
                     str(tmp),
+                    *(['--constraint', str(constraint)] if constraint else []),
                     *requirements,
                 ],
                 check=True,
@@ -221,6 +233,12 @@ def main() -> int:
         default=[],
         help='optional extra of the local packages to include with its dependencies (repeatable)',
     )
+    parser.add_argument(
+        '--constraint', type=Path, help='pip constraints for the dependencies (the lock file)'
+    )
+    parser.add_argument(
+        '--write-lock', type=Path, help='build without constraints; write the versions resolved here'
+    )
     parser.add_argument('sources', nargs='+', type=Path, help='local package directories')
     args = parser.parse_args()
 
@@ -233,6 +251,7 @@ def main() -> int:
         'arch': args.arch,
         'glibc': args.glibc,
         'extras': sorted(args.extra),
+        'constraint': None if args.write_lock or not args.constraint else args.constraint.read_text(),
     }
     # one build at a time per wheelhouse: runs from one controller (two playbooks, or test
     # scenarios side by side) wait for each other, then find it built
@@ -245,7 +264,15 @@ def main() -> int:
             manifest = json.loads(manifest_path.read_text())
         previous_id = manifest.get('id')
         if manifest.get('key') != key or not Path(str(manifest.get('tarball', ''))).is_file():
-            built = build(out, sources, args.python_version, args.arch, args.glibc, extras=sorted(args.extra))
+            built = build(
+                out,
+                sources,
+                args.python_version,
+                args.arch,
+                args.glibc,
+                extras=sorted(args.extra),
+                constraint=None if args.write_lock else args.constraint,
+            )
             tmp = Path(str(built['tmp']))
             ident = wheels_hash(tmp)
             tarball = out.parent / f'{out.name}-{ident}.tar'
@@ -268,8 +295,30 @@ def main() -> int:
             tmp.rename(out)
             # reproducible wheels: unchanged sources rebuild to the same id, which is no change
             changed = ident != previous_id
+    if args.write_lock:
+        write_lock(args.write_lock, manifest)
     print(json.dumps({'changed': changed, **{k: v for k, v in manifest.items() if k != 'key'}}))
     return 0
+
+
+LOCK_HEADER = """\
+# Every package the worker installs with its extras, at the version tested: the wheelhouse
+# build (build_wheelhouse.py --constraint) and `make bootstrap` install with it as pip's
+# constraints, so two deploys of one commit install the same code. Written by `make lock`
+# (build_wheelhouse.py --write-lock) for the hosts' platform; run it after changing a pin in
+# pyproject.toml.
+"""
+
+
+def write_lock(path: Path, manifest: dict[str, object]) -> None:
+    """``name==version`` of every wheel but the local packages', sorted."""
+    local = {str(p).split('[')[0] for p in manifest['packages']}  # type: ignore[attr-defined]
+    pins = sorted(
+        f'{project_name(Path(w))}=={w.split("-")[1]}'
+        for w in manifest['wheels']  # type: ignore[attr-defined]
+        if project_name(Path(w)) not in local
+    )
+    path.write_text(LOCK_HEADER + ''.join(f'{pin}\n' for pin in pins))
 
 
 if __name__ == '__main__':
