@@ -99,8 +99,17 @@ def test_check_mode_reports_and_writes_nothing_and_the_diff_names_each_path(tmp_
     root = tmp_path / 'etc'
     root.mkdir()
     (root / 'greeting.conf').write_text('hello world\n')
-    [result], output = run(tmp_path, entries(root), flags=('--check', '--diff'))
+    # a group an earlier task of the run would create is a change in check mode, not an error
+    later = {
+        'path': str(root / 'later.conf'),
+        'content': 'x\n',
+        'mode': '0640',
+        'group': 'made-by-an-earlier-task',
+    }
+    [result], output = run(tmp_path, [*entries(root), later], flags=('--check', '--diff'))
     assert result['changed'] is True
+    assert result.get('failed') is not True
+    assert str(root / 'later.conf') in result['changed_paths']
     assert (root / 'greeting.conf').read_text() == 'hello world\n'
     assert not (root / 'app.env').exists()
     assert not (root / 'current').exists()

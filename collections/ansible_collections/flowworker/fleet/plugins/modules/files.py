@@ -102,22 +102,12 @@ from ansible.module_utils.basic import AnsibleModule
 MAX_DIFF_BYTES = 65536
 # uid, gid and mode (None: left as it is)
 Wanted = tuple[int, int, int | None]
+# in check mode, the id of a user or group that an earlier task of the run would create
+UNKNOWN = -2
 
 
 class EntryError(Exception):
     pass
-
-
-def _id(kind: str, name: str | None) -> int:
-    """The uid of an owner or the gid of a group named on this host; -1 (left as it is) for None."""
-    if name is None:
-        return -1
-    try:
-        return pwd.getpwnam(name).pw_uid if kind == 'owner' else grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise EntryError(
-            f'{kind} {name!r} is not a {"user" if kind == "owner" else "group"} on this host'
-        ) from None
 
 
 def _mode(mode: str | None) -> int | None:
@@ -160,20 +150,45 @@ class Converger:
         if self.module._diff:
             self.diffs.append({'before_header': path, 'after_header': path, **diff})
 
-    def _set_attributes(self, path: str, uid: int, gid: int, mode: int | None) -> None:
-        os.lchown(path, uid, gid)
-        if mode is not None:
-            os.chmod(path, mode)
+    def _id(self, kind: str, name: str | None) -> int:
+        """The uid of an owner or the gid of a group named on this host; -1 (left as it is) for None.
 
-    def _wanted(
-        self, st: os.stat_result | None, uid: int, gid: int, mode: int | None
-    ) -> tuple[int, int, int | None]:
+        In check mode a name not on the host yet (an earlier task of the run would create it) is
+        UNKNOWN, which differs from every id: a change, not an error.
+        """
+        if name is None:
+            return -1
+        try:
+            return pwd.getpwnam(name).pw_uid if kind == 'owner' else grp.getgrnam(name).gr_gid
+        except KeyError:
+            if self.check:
+                return UNKNOWN
+            raise EntryError(
+                f'{kind} {name!r} is not a {"user" if kind == "owner" else "group"} on this host'
+            ) from None
+
+    def _wanted_of(self, entry: dict[str, Any], st: os.stat_result | None) -> Wanted:
         """Owner and group default to the current ones, then to root (the module's user)."""
+        uid, gid = self._id('owner', entry['owner']), self._id('group', entry['group'])
         if uid == -1:
             uid = st.st_uid if st else os.getuid()
         if gid == -1:
             gid = st.st_gid if st else os.getgid()
-        return uid, gid, mode
+        return uid, gid, _mode(entry['mode'])
+
+    @staticmethod
+    def _after(entry: dict[str, Any], wanted: Wanted) -> dict[str, Any]:
+        """The attributes the entry gets, by name."""
+        return {
+            'owner': entry['owner'] or pwd.getpwuid(wanted[0]).pw_name,
+            'group': entry['group'] or grp.getgrgid(wanted[1]).gr_name,
+            'mode': entry['mode'],
+        }
+
+    def _set_attributes(self, path: str, uid: int, gid: int, mode: int | None) -> None:
+        os.lchown(path, uid, gid)
+        if mode is not None:
+            os.chmod(path, mode)
 
     def _attributes_differ(self, st: os.stat_result, uid: int, gid: int, mode: int | None) -> bool:
         return st.st_uid != uid or st.st_gid != gid or (mode is not None and stat.S_IMODE(st.st_mode) != mode)
@@ -192,9 +207,7 @@ class Converger:
         if st is not None and stat.S_ISREG(st.st_mode):
             with open(path, 'rb') as current:
                 old = current.read()
-        wanted = self._wanted(
-            st, _id('owner', entry['owner']), _id('group', entry['group']), _mode(entry['mode'])
-        )
+        wanted = self._wanted_of(entry, st)
         content_differs = st is None or not stat.S_ISREG(st.st_mode) or old != data
         if not content_differs and not self._attributes_differ(st, *wanted):  # type: ignore[arg-type]
             return
@@ -213,11 +226,7 @@ class Converger:
         """Content when it changed and may be shown; else the attributes, and whether the content changed."""
         if content_differs and not entry['secret'] and max(len(old), len(entry['content'])) <= MAX_DIFF_BYTES:
             return {'before': old.decode('utf-8', 'replace'), 'after': entry['content']}
-        after = {
-            'owner': pwd.getpwuid(wanted[0]).pw_name,
-            'group': grp.getgrgid(wanted[1]).gr_name,
-            'mode': entry['mode'],
-        }
+        after = Converger._after(entry, wanted)
         return {
             'before': _describe('file' if st else 'absent', _attributes(st)),
             'after': _describe('file', after) + ('(content changed, not shown)\n' if content_differs else ''),
@@ -257,16 +266,10 @@ class Converger:
         st = os.lstat(path) if os.path.lexists(path) else None
         if st is not None and not stat.S_ISDIR(st.st_mode):
             raise EntryError('exists and is not a directory')
-        uid, gid, mode = self._wanted(
-            st, _id('owner', entry['owner']), _id('group', entry['group']), _mode(entry['mode'])
-        )
+        uid, gid, mode = wanted = self._wanted_of(entry, st)
         if st is not None and not self._attributes_differ(st, uid, gid, mode):
             return
-        after_attrs = {
-            'owner': pwd.getpwuid(uid).pw_name,
-            'group': grp.getgrgid(gid).gr_name,
-            'mode': entry['mode'],
-        }
+        after_attrs = self._after(entry, wanted)
         self._changed(
             path,
             {
