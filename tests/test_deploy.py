@@ -1,7 +1,8 @@
-"""deploy.yml against the lab fleet: from nothing, with a broken release, again, with one host
-rescaled, with bad inventories.
+"""deploy.yml against the lab fleet: bad inventories on the lab made from nothing, then from
+nothing, with a broken release, again, with one host rescaled, with a bad inventory.
 
-The tests run in file order on one lab: the first deploys from nothing, the rest build on it.
+The tests run in file order on one lab: the bad inventories first, while nothing is deployed;
+the next deploys from nothing, the rest build on it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,68 @@ import pytest
 import redis.asyncio
 from redis.exceptions import AuthenticationError, ResponseError
 
-from .conftest import REDIS_PORT, WORKERS, Lab, assert_deployed, current_version
+from .conftest import REDIS_PORT, WORKERS, Lab, assert_deployed, current_version, podman_exec
+
+BAD_INVENTORIES = [
+    (
+        'group_vars/redis_servers.yml',
+        {'redis_server_maxmemory_policy': 'allkeys-lru'},
+        'allkeys-lru',
+    ),
+    (
+        'group_vars/postgresql_servers.yml',
+        {'postgresql_max_connections': 20},
+        'Connection budget exceeded',
+    ),
+    (
+        'group_vars/all/stack.yml',
+        {'redis_server_password': ''},
+        'redis_server_password',
+    ),
+    (
+        'host_vars/lab-worker-1.yml',
+        {'arq_worker_process_manager': 'docker'},
+        'arq_worker_process_manager',
+    ),
+    (
+        'host_vars/lab-worker-2.yml',
+        {'arq_worker_instances': -1},
+        'arq_worker_instances',
+    ),
+]
+IDS = ['eviction-policy', 'connection-budget', 'missing-password', 'process-manager', 'negative-count']
+# what a deploy would put on a host: packages, directories, units (nothing on a lab made from nothing)
+FOOTPRINT = (
+    "dpkg-query -W -f='${Package}\\n' redis-server postgresql supervisor 2>/dev/null;"
+    ' ls -d /etc/redis /etc/postgresql /etc/arq-worker /etc/arq-monitor /opt/arq-worker /opt/arq-monitor'
+    ' 2>/dev/null;'
+    " systemctl list-unit-files --no-legend 'arq-*' 'redis-server*' 'postgresql*'"
+)
+
+
+def footprint(host: str) -> str:
+    return podman_exec(host, 'sh', '-c', FOOTPRINT, check=False)
+
+
+@pytest.mark.parametrize(('relative', 'values', 'message'), BAD_INVENTORIES, ids=IDS)
+def test_a_bad_inventory_fails_on_a_lab_made_from_nothing_before_any_host_changes(
+    lab: Lab, tmp_path: Path, relative: str, values: dict[str, Any], message: str
+) -> None:
+    """Every check runs before any play changes a host, the cross-host ones (the connection
+    budget) too: nothing is installed, written or started anywhere. (First in the session, while
+    the lab is made from nothing.)"""
+    hosts = ['lab-db', *WORKERS]
+    if any(footprint(host) for host in hosts):
+        pytest.skip('the lab is deployed already: these cases run first in a session')
+    bad = lab.copy(tmp_path / 'inventory')
+    bad.set_vars(relative, values)
+
+    run = bad.deploy()
+
+    assert run.returncode != 0
+    assert message in run.output, run.output[-5000:]
+    assert run.changed_hosts() == set(), run.output[-5000:]
+    assert {host: footprint(host) for host in hosts} == dict.fromkeys(hosts, '')
 
 
 def test_deploy_from_nothing_brings_every_service_up(deployed: Lab) -> None:
@@ -115,49 +177,10 @@ def test_changing_one_hosts_count_changes_only_that_host(deployed: Lab, tmp_path
 
 
 # (inventory file, variables, what the error says)
-BAD_INVENTORIES = [
-    (
-        'group_vars/redis_servers.yml',
-        {'redis_server_maxmemory_policy': 'allkeys-lru'},
-        'allkeys-lru',
-    ),
-    (
-        'group_vars/postgresql_servers.yml',
-        {'postgresql_max_connections': 20},
-        'Connection budget exceeded',
-    ),
-    (
-        'group_vars/all/stack.yml',
-        {'redis_server_password': ''},
-        'redis_server_password',
-    ),
-    (
-        'host_vars/lab-worker-1.yml',
-        {'arq_worker_process_manager': 'docker'},
-        'arq_worker_process_manager',
-    ),
-    (
-        'host_vars/lab-worker-2.yml',
-        {'arq_worker_instances': -1},
-        'arq_worker_instances',
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    ('relative', 'values', 'message'),
-    BAD_INVENTORIES,
-    ids=[
-        'eviction-policy',
-        'connection-budget',
-        'missing-password',
-        'process-manager',
-        'negative-count',
-    ],
-)
-def test_a_bad_inventory_fails_before_any_host_changes(
-    deployed: Lab, tmp_path: Path, relative: str, values: dict[str, Any], message: str
-) -> None:
+def test_a_bad_inventory_leaves_the_running_fleet_as_it_was(deployed: Lab, tmp_path: Path) -> None:
+    """The cross-host check (the connection budget) on the deployed lab: no host changes, every
+    instance keeps running."""
+    relative, values, message = BAD_INVENTORIES[1]
     before = deployed.heartbeats()
     bad = deployed.copy(tmp_path / 'inventory')
     bad.set_vars(relative, values)
