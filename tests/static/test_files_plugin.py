@@ -121,8 +121,12 @@ def test_check_mode_reports_and_writes_nothing_and_the_diff_names_each_path(tmp_
 def test_a_secret_is_never_printed_not_even_with_diff_and_vvv(tmp_path: Path) -> None:
     root = tmp_path / 'etc'
     root.mkdir()
-    [result], output = run(tmp_path, entries(root)[2:3], flags=('--diff', '-vvv'))
+    # and an entry refused for a missing path is named by its keys, never its content
+    pathless = {'content': SECRET, 'mode': '0600', 'secret': True}
+    [result, refused], output = run(tmp_path, entries(root)[2:3], [pathless], flags=('--diff', '-vvv'))
     assert result['changed'] is True
+    assert refused['failed'] is True
+    assert "must be a mapping with a path, got ['content', 'mode', 'secret']" in refused['msg']
     assert SECRET not in output
     assert '(content changed, not shown)' in output
     assert (root / 'app.env').read_text() == SECRET + '\n'

@@ -36,7 +36,9 @@ class ActionModule(ActionBase):
 
     def _entry(self, index: int, entry: Any, task_vars: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(entry, dict) or 'path' not in entry:
-            raise AnsibleActionFail(f'files[{index}] must be a mapping with a path, got {entry!r}')
+            # the keys only: an entry's content may be a secret
+            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            raise AnsibleActionFail(f'files[{index}] must be a mapping with a path, got {keys}')
         sources = [key for key in SOURCES if key in entry]
         if len(sources) > 1:
             given = ' and '.join(sources)
@@ -60,7 +62,7 @@ class ActionModule(ActionBase):
         result = super().run(tmp, task_vars)
         entries = self._task.args.get('files')
         if not isinstance(entries, list):
-            raise AnsibleActionFail(f'files must be a list of entries, got {entries!r}')
+            raise AnsibleActionFail(f'files must be a list of entries, got {type(entries).__name__}')
         module_args = {'files': [self._entry(index, entry, task_vars) for index, entry in enumerate(entries)]}
         result.update(
             self._execute_module(
