@@ -110,6 +110,14 @@ class EntryError(Exception):
     pass
 
 
+def _lstat(path: str) -> os.stat_result | None:
+    """The path's own status (a link's, not its target's); None when nothing is there."""
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
 def _mode(mode: str | None) -> int | None:
     if mode is None:
         return None
@@ -200,7 +208,7 @@ class Converger:
         if entry['mode'] is None:
             raise EntryError('state file needs a mode')
         data = entry['content'].encode('utf-8', 'surrogateescape')
-        st = os.lstat(path) if os.path.lexists(path) else None
+        st = _lstat(path)
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise EntryError('is a directory, not a file')
         old = b''
@@ -263,7 +271,7 @@ class Converger:
         path = entry['path']
         if entry['mode'] is None:
             raise EntryError('state directory needs a mode')
-        st = os.lstat(path) if os.path.lexists(path) else None
+        st = _lstat(path)
         if st is not None and not stat.S_ISDIR(st.st_mode):
             raise EntryError('exists and is not a directory')
         uid, gid, mode = wanted = self._wanted_of(entry, st)
@@ -287,7 +295,7 @@ class Converger:
         path, target = entry['path'], entry['target']
         if not target:
             raise EntryError('state link needs a target')
-        st = os.lstat(path) if os.path.lexists(path) else None
+        st = _lstat(path)
         if st is not None and stat.S_ISLNK(st.st_mode) and os.readlink(path) == target:
             return
         if st is not None and stat.S_ISDIR(st.st_mode):
@@ -308,9 +316,9 @@ class Converger:
 
     def absent(self, entry: dict[str, Any]) -> None:
         path = entry['path']
-        if not os.path.lexists(path):
+        st = _lstat(path)
+        if st is None:
             return
-        st = os.lstat(path)
         kind = 'directory' if stat.S_ISDIR(st.st_mode) else 'link' if stat.S_ISLNK(st.st_mode) else 'file'
         self._changed(path, {'before': _describe(kind, _attributes(st)), 'after': 'absent\n'})
         if self.check:
