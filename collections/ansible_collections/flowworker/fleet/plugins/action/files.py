@@ -47,7 +47,10 @@ class ActionModule(ActionBase):
             )
         module_entry = {key: value for key, value in entry.items() if key not in ('template', 'src', 'vars')}
         try:
-            if 'template' in entry:
+            if entry.get('state') == 'absent':
+                # nothing to write: a path that goes is named with its source, never rendered
+                module_entry.pop('content', None)
+            elif 'template' in entry:
                 module_entry['content'] = self._render(entry['template'], entry.get('vars') or {}, task_vars)
             elif 'src' in entry:
                 module_entry['content'] = self._loader.get_text_file_contents(
