@@ -72,7 +72,8 @@ def entries(root: Path) -> list[dict[str, Any]]:
         },
         {'path': str(root / 'app.env'), 'content': SECRET + '\n', 'mode': '0600', 'secret': True},
         {'path': str(root / 'current'), 'state': 'link', 'target': 'greeting.conf'},
-        {'path': str(root / 'old.conf'), 'state': 'absent'},
+        # a path that goes is not rendered: its template may need what only a host that keeps it has
+        {'path': str(root / 'old.conf'), 'state': 'absent', 'template': 'no-such-template.j2'},
     ]
 
 
