@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -191,3 +193,42 @@ def test_without_redis_url_is_exit_2_as_for_every_command() -> None:
     assert done.returncode == 2
     assert done.stderr == 'flowworker: error: REDIS_URL is not set (nor REDIS_HOST)\n'
     assert json.loads(done.stdout) == {'msg': 'REDIS_URL is not set (nor REDIS_HOST)'}
+
+
+async def test_the_deploy_tools_entry_point_is_the_same_command_without_the_database_stack(
+    redis: Redis, env: dict[str, str]
+) -> None:
+    """The role runs ``python -I -m flowworker.heartbeat_cli`` on every host it deploys."""
+    await redis.set('arq:worker:web-1:10', beat(10))
+    loads = (
+        'import json, sys; from flowworker import heartbeat_cli; code = heartbeat_cli.main(sys.argv[1:]); '
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & {'sqlalchemy', 'asyncpg', 'arq'})),"
+        ' file=sys.stderr); sys.exit(code)'
+    )
+    bare = {'PATH': '/usr/bin:/bin', **env}
+    direct, measured = await asyncio.gather(
+        asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, '-I', '-m', 'flowworker.heartbeat_cli', 'list', '--match', 'web-*'],
+            env=bare,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ),
+        asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, '-c', loads, 'list'],
+            env=bare,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ),
+    )
+
+    assert direct.returncode == 0, direct.stderr
+    assert (0, json.loads(direct.stdout), '') == heartbeat('list', '--match', 'web-*', env=env)
+    assert measured.returncode == 0, measured.stderr
+    # arq's connection settings and redis-py only: SQLAlchemy and asyncpg stay out
+    assert json.loads(measured.stderr) == ['arq']

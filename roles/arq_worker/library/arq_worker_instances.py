@@ -51,7 +51,9 @@ options:
     type: float
     default: 60
   home:
-    description: The role's home (C(current/bin/flowworker) reads and deletes the heartbeat keys).
+    description:
+      - The role's home (C(current/bin/python -m flowworker.heartbeat_cli) reads and deletes the
+        heartbeat keys).
     type: path
     required: true
   env_file:
@@ -156,7 +158,7 @@ class Instances:
         self.module = module
         self.p = module.params
         self.report = []
-        self.flowworker = os.path.join(self.p['home'], 'current', 'bin', 'flowworker')
+        self.python = os.path.join(self.p['home'], 'current', 'bin', 'python')
 
     # --- running commands ----------------------------------------------------------------------
 
@@ -179,9 +181,9 @@ class Instances:
         return int(out) if rc == 0 and out.isdigit() else 0
 
     def heartbeat(self, *args):
-        """``flowworker heartbeat ...`` of the installed version: its JSON answer."""
+        """``flowworker heartbeat ...`` of the installed version, without its worker stack: the JSON."""
         rc, out, err = self.module.run_command(
-            [self.flowworker, 'heartbeat', *args, '--env-file', self.p['env_file']]
+            [self.python, '-I', '-m', 'flowworker.heartbeat_cli', *args, '--env-file', self.p['env_file']]
         )
         try:
             answer = json.loads(out)
@@ -207,7 +209,7 @@ class Instances:
             instances += self.find_systemd(pool_files, targets_up)
         instances += self.find_supervisor(pool_files)
         keys = set()
-        if os.path.exists(self.flowworker) and os.path.exists(self.p['env_file']):
+        if os.path.exists(self.python) and os.path.exists(self.p['env_file']):
             rc, answer, why = self.heartbeat('list', '--match', self.p['host_id'] + ':arq-worker*')
             if rc == 0:
                 keys = set(answer.get('workers', {}))
@@ -430,7 +432,7 @@ class Instances:
             + [prefix for manager, prefix in todo.pools_gone if manager == 'supervisor']
         )
         if todo.forget:
-            if not os.path.exists(self.flowworker):
+            if not os.path.exists(self.python):
                 return
             rc, answer, why = self.heartbeat('delete', *todo.forget)
             if rc != 0:

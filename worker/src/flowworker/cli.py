@@ -1,7 +1,7 @@
 """The ``flowworker`` command: ``worker``, ``enqueue``, ``db upgrade|prune``, ``monitor``, the operators'
 ``status``, ``tasks``, ``cancel`` and ``purge``, and ``heartbeat list|wait-idle|wait-pid|delete``,
-which the Ansible role runs to read, await and remove heartbeat keys (one JSON object on stdout,
-always; see ``operations.py``).
+which deploy tools run to read, await and remove heartbeat keys (one JSON object on stdout,
+always; see ``heartbeat_cli.py``).
 
 Exit codes: 0 done, 1 failed at run time, 2 bad usage or settings (one line on stderr naming the
 option or variable; nothing is started), 3 ``status`` found a queue with jobs and no live worker.
@@ -14,19 +14,20 @@ import asyncio
 import json
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from arq.jobs import Job, JobStatus
 
-from . import logs, operations
+from . import heartbeat_cli, logs, operations
+from .arguments import Parser, add_env_file, positive, seconds
 from .fleet import parse_duration
-from .infrastructure import DATABASE_ERRORS, create_engine, create_redis, initialize
+from .infrastructure import create_engine, create_redis, initialize
 from .registry import FlowImportError, registry
 from .retention import prune
 from .schema import STATUSES, SchemaError, upgrade
 from .schema import check as check_schema
 from .settings import Settings, SettingsError, env_name, load_settings
+from .store import DATABASE_ERRORS
 from .version import VERSION
 from .worker import serve
 
@@ -50,27 +51,12 @@ class UsageError(Exception):
     pass
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        """One line, exit 2 (argparse's default adds the usage block)."""
-        self.exit(2, f'{self.prog}: error: {message} (see --help)\n')
-
-
 def _field_help(field: str) -> str:
     info = Settings.model_fields[field]
     default = info.default
     if isinstance(default, str) and field != 'worker_id':
         default = f"'{default}'"
     return f'{info.description} [env {env_name(field)}; default {default}]'
-
-
-def _add_env_file(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        '--env-file',
-        type=Path,
-        metavar='PATH',
-        help='read settings from this .env file (default: ./.env if present); the environment overrides it',
-    )
 
 
 def worker_parser(prog: str | None = None) -> Parser:
@@ -84,7 +70,7 @@ def worker_parser(prog: str | None = None) -> Parser:
     for field in WORKER_OPTIONS:
         option = '--' + field.replace('_', '-')
         parser.add_argument(option, dest=field, metavar=field.split('_')[-1].upper(), help=_field_help(field))
-    _add_env_file(parser)
+    add_env_file(parser)
     return parser
 
 
@@ -118,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar='SECONDS',
         help='wait up to SECONDS for the results and print them; exit 1 if any job failed',
     )
-    _add_env_file(enqueue)
+    add_env_file(enqueue)
 
     db = commands.add_parser('db', help='manage the task-record schema')
     db_commands = db.add_subparsers(dest='db_command', required=True, parser_class=Parser)
@@ -128,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     db_upgrade.add_argument(
         '--grant-to', metavar='ROLE', help='grant this role the SELECT, INSERT and UPDATE a worker needs'
     )
-    _add_env_file(db_upgrade)
+    add_env_file(db_upgrade)
     db_prune = db_commands.add_parser(
         'prune',
         help='delete the records of jobs that ended more than AGE ago (run as the schema owner)',
@@ -144,10 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
         help='finished more than AGE ago: 12h, 30d',
     )
     db_prune.add_argument(
-        '--batch', type=_positive, default=1000, metavar='N', help='at most N jobs per transaction (1000)'
+        '--batch', type=positive, default=1000, metavar='N', help='at most N jobs per transaction (1000)'
     )
     db_prune.add_argument('--dry-run', action='store_true', help='delete nothing, say what would go')
-    _add_env_file(db_prune)
+    add_env_file(db_prune)
 
     _add_operations(commands)
 
@@ -160,24 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for field, option in MONITOR_OPTIONS.items():
         monitor.add_argument(option, dest=field, metavar=option[2:].upper(), help=_field_help(field))
-    _add_env_file(monitor)
+    add_env_file(monitor)
     return parser
-
-
-def _positive(value: str) -> int:
-    if not value.isdigit() or int(value) < 1:
-        raise argparse.ArgumentTypeError(f'{value!r} is not a whole number of at least 1')
-    return int(value)
-
-
-def _seconds(value: str) -> float:
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise argparse.ArgumentTypeError(f'{value!r} is not a number of seconds (0 or more)')
-    return seconds
 
 
 def _duration(value: str) -> float:
@@ -204,7 +174,7 @@ def _add_operations(commands: Any) -> None:
         'live worker picks them, 1 when Redis or PostgreSQL does not answer.',
     )
     status.add_argument('--json', action='store_true', help='print JSON for scripts')
-    _add_env_file(status)
+    add_env_file(status)
 
     tasks = commands.add_parser(
         'tasks', help='list task records, e.g. stuck ones: --status running --older-than 10m'
@@ -214,11 +184,9 @@ def _add_operations(commands: Any) -> None:
     tasks.add_argument(
         '--older-than', type=_duration, metavar='AGE', help='started more than AGE ago: 90s, 10m, 2h, 1d'
     )
-    tasks.add_argument(
-        '--limit', type=_positive, default=50, metavar='N', help='at most N, newest first (50)'
-    )
+    tasks.add_argument('--limit', type=positive, default=50, metavar='N', help='at most N, newest first (50)')
     tasks.add_argument('--json', action='store_true', help='print JSON for scripts')
-    _add_env_file(tasks)
+    add_env_file(tasks)
 
     cancel = commands.add_parser(
         'cancel', help='cancel a queued or running job (arq abort); its record says cancelled'
@@ -226,12 +194,12 @@ def _add_operations(commands: Any) -> None:
     cancel.add_argument('job_id', metavar='JOB_ID')
     cancel.add_argument(
         '--wait',
-        type=_seconds,
+        type=seconds,
         default=10.0,
         metavar='SECONDS',
         help='wait up to SECONDS for a worker to cancel it (10); exit 1 if none did',
     )
-    _add_env_file(cancel)
+    add_env_file(cancel)
 
     purge = commands.add_parser(
         'purge',
@@ -241,7 +209,7 @@ def _add_operations(commands: Any) -> None:
     )
     purge.add_argument('--queue', dest='queue_name', required=True, metavar='NAME', help='the queue')
     purge.add_argument('--yes', action='store_true', help='do not ask (for scripts)')
-    _add_env_file(purge)
+    add_env_file(purge)
 
     _add_heartbeat(commands)
 
@@ -250,33 +218,9 @@ def _add_heartbeat(commands: Any) -> None:
     beats = commands.add_parser(
         'heartbeat',
         help='read, await or delete heartbeat keys arq:worker:<worker-id> (for deploy tools; JSON out)',
-        description='Read, await or delete the heartbeat keys arq:worker:<worker-id>, for deploy tools. '
-        'Prints one JSON object on stdout, also on a timeout or an error (then with "msg", exit 1); '
-        'needs the Redis settings only.',
+        description=heartbeat_cli.DESCRIPTION,
     )
-    actions = beats.add_subparsers(dest='heartbeat_command', required=True, parser_class=Parser)
-    listed = actions.add_parser('list', help='{"workers": {id: heartbeat}} (SCAN, never KEYS)')
-    listed.add_argument('--match', default='*', metavar='GLOB', help="worker ids matching GLOB ('*')")
-    idle = actions.add_parser(
-        'wait-idle',
-        help='wait until each key is gone, or says a state other than running with no job running; '
-        'exit 0 also when some did not, listed in "timed_out"',
-    )
-    idle.add_argument('worker_ids', nargs='+', metavar='ID')
-    pid = actions.add_parser(
-        'wait-pid', help='wait until the key of ID says pid N in state running; exit 1 if it did not'
-    )
-    pid.add_argument('worker_id', metavar='ID')
-    pid.add_argument('--pid', type=_positive, required=True, metavar='N', help='the process id')
-    for waiting in (idle, pid):
-        waiting.add_argument(
-            '--timeout', type=_seconds, required=True, metavar='SECONDS', help='wait at most SECONDS'
-        )
-    delete = actions.add_parser('delete', help='delete the keys; {"deleted": [ids whose key existed]}')
-    delete.add_argument('worker_ids', nargs='+', metavar='ID')
-    delete.add_argument('--dry-run', action='store_true', help='delete nothing, report what would be')
-    for action in (listed, idle, pid, delete):
-        _add_env_file(action)
+    heartbeat_cli.add_actions(beats)
 
 
 def _settings(
@@ -421,23 +365,6 @@ def run_purge(args: argparse.Namespace) -> int:
     return operations.purge(_settings(args, ('queue_name',), {'queue_name': '--queue'}), args.yes)
 
 
-def run_heartbeat(args: argparse.Namespace) -> int:
-    try:
-        settings = _settings(args, ())
-        settings.require_redis()
-    except SettingsError as e:
-        print(json.dumps({'msg': str(e)}))  # the JSON the caller parses; _run prints the line, exits 2
-        raise
-    command = args.heartbeat_command
-    if command == 'list':
-        return operations.heartbeat_list(settings, args.match)
-    if command == 'wait-idle':
-        return operations.heartbeat_wait_idle(settings, args.worker_ids, args.timeout)
-    if command == 'wait-pid':
-        return operations.heartbeat_wait_pid(settings, args.worker_id, args.pid, args.timeout)
-    return operations.heartbeat_delete(settings, args.worker_ids, args.dry_run)
-
-
 def _run(command: Any, args: argparse.Namespace, prog: str) -> int:
     try:
         return int(command(args))
@@ -469,6 +396,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         'tasks': run_tasks,
         'cancel': run_cancel,
         'purge': run_purge,
-        'heartbeat': run_heartbeat,
+        'heartbeat': heartbeat_cli.run,
     }[args.command]
     return _run(command, args, 'flowworker')

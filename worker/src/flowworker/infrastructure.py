@@ -1,31 +1,30 @@
 """Connections: the SQLAlchemy async engine (asyncpg) and the arq Redis pool.
 
 ``initialize()`` builds both from the settings; ``Infrastructure.shutdown()`` closes both.
+SQLAlchemy and asyncpg load when an engine is made: a command that needs Redis alone
+(``heartbeat_cli.py``) starts without them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from arq.connections import ArqRedis, create_pool
-from asyncpg import InterfaceError, PostgresError
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .settings import Settings, load_settings
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
-# SQLAlchemy's, and asyncpg's own where the task store talks to asyncpg directly
-DATABASE_ERRORS = (SQLAlchemyError, PostgresError, InterfaceError, OSError, asyncio.TimeoutError)
 DATABASE_CONNECT_TIMEOUT = 10
 DATABASE_COMMAND_TIMEOUT = 30
 
@@ -43,6 +42,8 @@ class Infrastructure:
 
 def create_engine(settings: Settings, application_name: str = 'flowworker') -> AsyncEngine:
     """The SQLAlchemy pool; its connections show ``application_name`` in pg_stat_activity."""
+    from sqlalchemy.ext.asyncio import create_async_engine  # noqa: PLC0415  # see the docstring above
+
     url, connect_args = settings.sqlalchemy_url()
     return create_async_engine(
         url,

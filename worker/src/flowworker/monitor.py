@@ -31,10 +31,11 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from . import control, fleet, report
-from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, Infrastructure, describe_error
+from .infrastructure import REDIS_ERRORS, Infrastructure, describe_error
 from .operations import connected, unreachable
 from .schema import Status
 from .settings import Settings
+from .store import DATABASE_ERRORS
 from .version import VERSION
 
 logger = logging.getLogger('flowworker.monitor')

@@ -11,13 +11,14 @@ import socket
 import ssl
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from arq.connections import RedisSettings
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
 
 QUEUE_KEY_PREFIX = 'arq:queue:'
 SSLMODES = ('disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full')
@@ -187,11 +188,10 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None:
             return value
-        try:
-            backend = make_url(value.get_secret_value()).get_backend_name()
-        except ArgumentError:
-            backend = None
-        if backend not in {'postgresql', 'postgres'}:
+        # the scheme alone (<backend>[+<driver>]://): SQLAlchemy parses the rest when a command
+        # connects, and a command that needs Redis alone does not load it
+        scheme, found, _ = value.get_secret_value().partition('://')
+        if not found or scheme.partition('+')[0] not in {'postgresql', 'postgres'}:
             raise ValueError('must be a postgresql://user:password@host:port/name URL')
         return value
 
@@ -232,6 +232,8 @@ class Settings(BaseSettings):
 
     def sqlalchemy_url(self) -> tuple[URL, dict[str, Any]]:
         """The asyncpg URL and the ``connect_args`` that carry TLS settings."""
+        from sqlalchemy.engine import URL, make_url  # noqa: PLC0415  # see _check_database_url
+
         if self.database_url is not None:
             url = make_url(self.database_url.get_secret_value())
         else:

@@ -31,14 +31,19 @@ from typing import Any, cast
 
 from arq.constants import result_key_prefix
 from arq.jobs import DeserializationError, JobResult, deserialize_result
+from asyncpg import InterfaceError, PostgresError
 from redis.asyncio import Redis
 from sqlalchemy import bindparam, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, backoff, describe_error
+from .infrastructure import REDIS_ERRORS, backoff, describe_error
 
 logger = logging.getLogger('flowworker.store')
+
+# PostgreSQL did not answer: SQLAlchemy's errors, and asyncpg's own where the store talks to
+# asyncpg directly
+DATABASE_ERRORS = (SQLAlchemyError, PostgresError, InterfaceError, OSError, asyncio.TimeoutError)
 
 Row = dict[str, Any]
 # an attempt's status, error and result, from the result arq stored for its job (runner.outcome)

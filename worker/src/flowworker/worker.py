@@ -28,11 +28,11 @@ from arq.jobs import deserialize_result
 from arq.worker import func
 
 from .heartbeat import TTL_INTERVALS, Heartbeat, JobCounts, heartbeat_key
-from .infrastructure import DATABASE_ERRORS, REDIS_ERRORS, Infrastructure, backoff, describe_error
+from .infrastructure import REDIS_ERRORS, Infrastructure, backoff, describe_error
 from .registry import Registry
 from .runner import Runner, outcome, run_flow
 from .schema import check as check_schema
-from .store import TaskStore
+from .store import DATABASE_ERRORS, TaskStore
 from .wakeup import QueueWakeup
 
 logger = logging.getLogger('flowworker.worker')
