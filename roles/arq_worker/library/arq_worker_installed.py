@@ -6,7 +6,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 ---
 module: arq_worker_installed
-short_description: Read the account, the tested virtualenv and the current version of the install
+short_description: Read the account, the tested virtualenv, the current version and the package lists
 description:
   - Reads, and never changes, what the install steps of the role decide on; a converged host
     then skips the account, the virtualenv build and the switch of C(current).
@@ -52,8 +52,13 @@ current:
   description: Where C(current) points, as written in the link; null when it is no link.
   type: str
   returned: always
+apt_lists:
+  description: C(/var/lib/apt/lists) holds package lists (an image may have cleaned them).
+  type: bool
+  returned: always
 """
 
+import glob
 import grp
 import os
 import pwd
@@ -92,6 +97,7 @@ def main() -> None:
         account=account_matches(p['user'], p['group'], p['home'], p['shell']),
         tested=os.path.exists(p['tested']),
         current=current,
+        apt_lists=bool(glob.glob('/var/lib/apt/lists/*_Packages*')),
     )
 
 
