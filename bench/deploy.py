@@ -502,7 +502,7 @@ def save(results: list[Result], modified_at_start: list[str], *, complete: bool)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--workers', type=int, nargs='+', default=[1, 8], help='worker host counts (1 8)')
-    parser.add_argument('--noop-runs', type=int, default=2, help='no-op deploys per size; the fastest counts')
+    parser.add_argument('--noop-runs', type=int, default=3, help='no-op deploys per size; the fastest counts')
     parser.add_argument('--keep', action='store_true', help='leave each size running (its own names, ports)')
     args = parser.parse_args()
     if any(not 1 <= n <= MAX_WORKERS for n in args.workers) or args.noop_runs < 1:
