@@ -1,4 +1,4 @@
-"""worker/requirements.lock pins every dependency of worker/pyproject.toml at the version it names."""
+"""worker/requirements.lock pins every dependency of worker/pyproject.toml at the version it names, hashed."""
 
 from __future__ import annotations
 
@@ -23,14 +23,13 @@ def test_the_lock_holds_every_pin_of_the_project_at_its_version() -> None:
     declared = pins(
         project['dependencies'] + [r for extra in project['optional-dependencies'].values() for r in extra]
     )
-    locked = pins((ROOT / 'worker' / 'requirements.lock').read_text().splitlines())
+    lock = (ROOT / 'worker' / 'requirements.lock').read_text()
+    locked = pins(lock.splitlines())
     assert declared, 'pyproject.toml pins nothing'
     assert {name: locked.get(name) for name in declared} == declared, 'run make lock'
     # the lock is the whole tree: more than the direct dependencies, every one pinned exactly
     assert len(locked) > len(declared)
-    entries = [
-        line
-        for line in (ROOT / 'worker' / 'requirements.lock').read_text().splitlines()
-        if line[:1].isalnum()
-    ]
+    entries = re.findall(r'(?m)^[A-Za-z0-9].*\n(?:[ \t]+.*\n)*', lock)
     assert len(entries) == len(locked)
+    # and each with the hashes pip checks the downloaded files against
+    assert [e.split()[0] for e in entries if not re.search(r'--hash=sha256:[0-9a-f]{64}', e)] == []

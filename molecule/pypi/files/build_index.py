@@ -55,6 +55,8 @@ def wheelhouse(source: Path, out: Path, args: argparse.Namespace) -> list[Path]:
             args.arch,
             '--glibc',
             args.glibc,
+            '--constraint',
+            str(source / 'requirements.lock'),
             str(source),
         ],
         check=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 from pathlib import Path
 
@@ -57,3 +58,23 @@ def test_pip_settings_are_readable_by_root_only(host):
     assert [f'{k} = {v}' for k, v in HOST_VARS['pypi_test_upgrade_pip_options'].items()] == [
         line for line in lines if line.startswith('timeout')
     ]
+
+
+def pins(text: str) -> dict[str, str]:
+    """``name==version`` lines of a lock or constraints file, by normalised name."""
+    found = re.findall(r'(?m)^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)', text)
+    return {re.sub(r'[-_.]+', '-', name).lower(): version for name, version in found}
+
+
+def test_the_dependencies_are_installed_at_the_versions_of_the_lock(host):
+    locked = pins((Path(__file__).parents[3] / 'worker' / 'requirements.lock').read_text())
+    constraints = host.file('/etc/arq-worker/constraints.txt')
+    assert (constraints.user, constraints.group, constraints.mode) == ('root', 'root', 0o644)
+    assert '--hash' not in constraints.content_string
+    assert pins(constraints.content_string) == locked
+    code = "import importlib.metadata as m; print('\\n'.join(f'{d.name}=={d.version}' for d in m.distributions()))"
+    installed = pins(host.check_output(shlex.join([f'{VENV}/bin/python', '-c', code])))
+    assert {'arq', 'redis', 'sqlalchemy', 'asyncpg', 'pydantic'} <= installed.keys()
+    assert {name: locked[name] for name in installed if name in locked} == {
+        name: version for name, version in installed.items() if name in locked
+    }

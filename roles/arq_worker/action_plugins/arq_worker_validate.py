@@ -211,12 +211,12 @@ def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
             f'redis URL {"empty" if not redis_url else "of another form"}; '
             'arq_worker_db_owner_url must be a postgresql:// URL when arq_worker_db_upgrade is true.'
         )
-    constraints = str(args.get('wheelhouse_constraints') or '')
-    if args['install_method'] == 'wheelhouse' and constraints and not Path(constraints).is_file():
+    constraints = str(args.get('constraints') or '')
+    if constraints and not Path(constraints).is_file():
         raise Invalid(
-            f'arq_worker_wheelhouse_constraints is {constraints!r}, which is no file on the controller: '
+            f'arq_worker_constraints is {constraints!r}, which is no file on the controller: '
             'point it at the lock file (make lock writes worker/requirements.lock), or set it to "" '
-            'to resolve the dependencies afresh on every build.'
+            'to resolve the dependencies afresh on every install.'
         )
     check_pools(args, derived)
     check_retention(args)

@@ -13,9 +13,11 @@ wheels is written beside them so the role copies one file to each host.
 ``--extra NAME`` adds an optional extra (e.g. ``monitor``) of the local packages that provide
 it, with its dependencies; a name no local package provides is an error.
 
-``--constraint FILE`` (the worker's ``requirements.lock``) pins every dependency to the version
-it lists, so two builds of the same sources hold the same wheels. ``--write-lock FILE`` builds
-without it and writes the versions it resolved there (``make lock``).
+``--constraint FILE`` (the worker's ``requirements.lock``, written by ``make lock``) pins every
+dependency to the version it lists, so two builds of the same sources hold the same wheels. When
+it carries hashes, pip checks every file it downloads against them (its hash-checking mode: the
+local packages' wheels are given their own hashes), so a dependency the lock does not hold, or a
+file whose hash it does not list, fails the build.
 
 Prints one JSON object: changed, id (hash of the wheels), packages (project names of the local
 packages, with the extras they were built with: ``flowworker[monitor]``), tarball, wheels.
@@ -28,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +38,9 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 SKIP_DIRS = {
     '.git',
@@ -99,6 +105,31 @@ def metadata_values(wheel: Path, field: str) -> list[str]:
     return [line.partition(':')[2].strip() for line in metadata.splitlines() if line.startswith(f'{field}:')]
 
 
+def locked(constraint: Path) -> dict[str, str]:
+    """Each entry of a lock as ``name==version --hash=…``, its marker cut, by normalised name."""
+    entries = re.findall(
+        r'(?m)^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)[^\n]*\n((?:[ \t]+--hash=\S+[^\n]*\n)*)',
+        constraint.read_text(),
+    )
+    return {
+        canonicalize_name(name): ' '.join([f'{name}=={version}', *re.findall(r'--hash=\S+', hashes)])
+        for name, version, hashes in entries
+    }
+
+
+def pinned(requirements: list[str], lock: dict[str, str], constraint: Path | None) -> list[str]:
+    """The lock's entry for each requirement. pip's hash-checking mode takes no range, and pip
+    skips a constraint whose marker fails on the controller though it holds on the target."""
+    names = [canonicalize_name(Requirement(r).name) for r in requirements]
+    absent = [name for name in names if name not in lock]
+    if absent:
+        raise SystemExit(
+            f'{", ".join(absent)}: required on the target but not in {constraint}; run make lock '
+            '(or point the constraint at a lock that holds them)'
+        )
+    return [lock[name] for name in names]
+
+
 def missing_requirements(
     directory: Path, environment: dict[str, str], extras: dict[str, list[str]]
 ) -> list[str]:
@@ -109,9 +140,6 @@ def missing_requirements(
     skipped on a 3.11.7 controller for a 3.11.2 host. This closes that gap. ``extras`` maps a
     wheel's file name to the extras it is installed with.
     """
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
     have = {canonicalize_name(w.name.split('-')[0]) for w in directory.glob('*.whl')}
     missing: list[str] = []
     for wheel in sorted(directory.glob('*.whl')):
@@ -201,7 +229,25 @@ def build(
                 stdout=sys.stderr,
             )
 
-        download(*(f'{w}{suffix[w.name]}' for w in local_wheels))
+        def download_hashed(lines: list[str]) -> None:
+            """pip's hash-checking mode wants a hash of every requirement, in a file."""
+            requirements = local / 'requirements.txt'
+            requirements.write_text(''.join(f'{line}\n' for line in lines))
+            download('-r', str(requirements))
+            requirements.unlink()
+
+        hashed = constraint is not None and '--hash=' in constraint.read_text()
+        lock = locked(constraint) if constraint else {}
+        if hashed:
+            # the local wheels with their own hashes
+            download_hashed(
+                [
+                    f'{w}{suffix[w.name]} --hash=sha256:{hashlib.sha256(w.read_bytes()).hexdigest()}'
+                    for w in local_wheels
+                ]
+            )
+        else:
+            download(*(f'{w}{suffix[w.name]}' for w in local_wheels))
         for wheel in local_wheels:
             shutil.move(str(wheel), tmp / wheel.name)
         environment = target_environment(python_version, arch)
@@ -209,7 +255,10 @@ def build(
             missing = missing_requirements(tmp, environment, chosen)
             if not missing:
                 break
-            download(*missing)
+            if hashed:
+                download_hashed(pinned(missing, lock, constraint))
+            else:
+                download(*missing)
         local.rmdir()
         return {'packages': sorted(project_name(w) + suffix[w.name] for w in local_wheels), 'tmp': tmp}
     except BaseException:
@@ -236,9 +285,6 @@ def main() -> int:
     parser.add_argument(
         '--constraint', type=Path, help='pip constraints for the dependencies (the lock file)'
     )
-    parser.add_argument(
-        '--write-lock', type=Path, help='build without constraints; write the versions resolved here'
-    )
     parser.add_argument('sources', nargs='+', type=Path, help='local package directories')
     args = parser.parse_args()
 
@@ -251,7 +297,7 @@ def main() -> int:
         'arch': args.arch,
         'glibc': args.glibc,
         'extras': sorted(args.extra),
-        'constraint': None if args.write_lock or not args.constraint else args.constraint.read_text(),
+        'constraint': args.constraint.read_text() if args.constraint else None,
     }
     # one build at a time per wheelhouse: runs from one controller (two playbooks, or test
     # scenarios side by side) wait for each other, then find it built
@@ -271,7 +317,7 @@ def main() -> int:
                 args.arch,
                 args.glibc,
                 extras=sorted(args.extra),
-                constraint=None if args.write_lock else args.constraint,
+                constraint=args.constraint,
             )
             tmp = Path(str(built['tmp']))
             ident = wheels_hash(tmp)
@@ -295,30 +341,8 @@ def main() -> int:
             tmp.rename(out)
             # reproducible wheels: unchanged sources rebuild to the same id, which is no change
             changed = ident != previous_id
-    if args.write_lock:
-        write_lock(args.write_lock, manifest)
     print(json.dumps({'changed': changed, **{k: v for k, v in manifest.items() if k != 'key'}}))
     return 0
-
-
-LOCK_HEADER = """\
-# Every package the worker installs with its extras, at the version tested: the wheelhouse
-# build (build_wheelhouse.py --constraint) and `make bootstrap` install with it as pip's
-# constraints, so two deploys of one commit install the same code. Written by `make lock`
-# (build_wheelhouse.py --write-lock) for the hosts' platform; run it after changing a pin in
-# pyproject.toml.
-"""
-
-
-def write_lock(path: Path, manifest: dict[str, object]) -> None:
-    """``name==version`` of every wheel but the local packages', sorted."""
-    local = {str(p).split('[')[0] for p in manifest['packages']}  # type: ignore[attr-defined]
-    pins = sorted(
-        f'{project_name(Path(w))}=={w.split("-")[1]}'
-        for w in manifest['wheels']  # type: ignore[attr-defined]
-        if project_name(Path(w)) not in local
-    )
-    path.write_text(LOCK_HEADER + ''.join(f'{pin}\n' for pin in pins))
 
 
 if __name__ == '__main__':
