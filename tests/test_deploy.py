@@ -16,7 +16,15 @@ import pytest
 import redis.asyncio
 from redis.exceptions import AuthenticationError, ResponseError
 
-from .conftest import REDIS_PORT, WORKERS, Lab, assert_deployed, current_version, podman_exec
+from .conftest import (
+    REDIS_PORT,
+    WORKERS,
+    Lab,
+    ansible_playbook,
+    assert_deployed,
+    current_version,
+    podman_exec,
+)
 
 BAD_INVENTORIES = [
     (
@@ -190,4 +198,10 @@ def test_a_bad_inventory_leaves_the_running_fleet_as_it_was(deployed: Lab, tmp_p
     assert run.returncode != 0
     assert message in run.output
     assert run.changed_hosts() == set(), run.output[-5000:]
+    # playbooks/postgresql.yml alone counts the workers too (it validates them itself)
+    alone = ansible_playbook(bad.inventory, 'playbooks/postgresql.yml')
+    assert alone.returncode != 0
+    assert message in alone.output
+    assert all(f'{host} ' in alone.output.partition(message)[2] for host in WORKERS), alone.output[-5000:]
+    assert alone.changed_hosts() == set(), alone.output[-5000:]
     assert deployed.heartbeats().keys() == before.keys()

@@ -78,6 +78,13 @@ def test_the_pools_are_derived_with_their_names_and_max_jobs() -> None:
     ]
 
 
+def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
+    given = args(pools=[{'name': 'default'}, {'name': 'io', 'max_jobs_per_core': 5}], vcpus=0)
+    with pytest.raises(validate.Invalid, match=r'arq_worker_pools\[1\] sizes max_jobs by the cores'):
+        derive(given)
+    assert [p['max_jobs'] for p in derive({**given, 'pools': [{'name': 'default'}]})] == [10]
+
+
 @pytest.mark.parametrize(
     ('changes', 'message'),
     [

@@ -66,6 +66,11 @@ def pools(raw_pools: list[dict[str, Any]], defaults: dict[str, Any], manager: st
     for index, raw in enumerate(raw_pools):
         pool = {**defaults, **raw}
         per_core = _int(pool['max_jobs_per_core'])
+        if per_core > 0 and vcpus < 1:
+            raise Invalid(
+                f'arq_worker_pools[{index}] sizes max_jobs by the cores (max_jobs_per_core {per_core}), '
+                "but the host's processor_vcpus fact is missing: gather the hardware facts"
+            )
         prefix = _plan.prefix_of(str(pool['name']))
         count = _int(pool['instances'])
         out.append(
@@ -286,9 +291,9 @@ class ActionModule(ActionBase):
     def run(self, tmp: str | None = None, task_vars: dict[str, Any] | None = None) -> dict[str, Any]:
         result = super().run(tmp, task_vars)
         args = self._task.args
-        vcpus = _int(args['vcpus']) or 1
-        derived = pools(args['pools'], args['pool_defaults'], args['process_manager'], vcpus)
         try:
+            vcpus = _int(args['vcpus'])
+            derived = pools(args['pools'], args['pool_defaults'], args['process_manager'], vcpus)
             check(args, derived)
         except Invalid as exc:
             return {**result, 'failed': True, 'msg': str(exc)}
