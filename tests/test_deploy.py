@@ -8,6 +8,7 @@ the next deploys from nothing, the rest build on it.
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,9 @@ def test_a_bad_inventory_leaves_the_running_fleet_as_it_was(deployed: Lab, tmp_p
     alone = ansible_playbook(bad.inventory, 'playbooks/postgresql.yml')
     assert alone.returncode != 0
     assert message in alone.output
-    assert all(f'{host} ' in alone.output.partition(message)[2] for host in WORKERS), alone.output[-5000:]
+    counted = re.search(r'may open \d+ connections \((.*?)\) \+ postgresql_reserved', alone.output)
+    assert counted, alone.output[-5000:]
+    # each worker host named with its instances (the budget's terms are "<host> N\u00d7(pool+overflow)")
+    assert all(re.search(rf'\b{host} \d+\u00d7\(', counted[1]) for host in WORKERS), counted[1]
     assert alone.changed_hosts() == set(), alone.output[-5000:]
     assert deployed.heartbeats().keys() == before.keys()

@@ -18,7 +18,7 @@ LOCK = ROOT / 'worker' / 'requirements.lock'
 
 
 def build(out: Path, lock: Path = LOCK) -> dict[str, Any]:
-    """build_wheelhouse.py for the lab hosts' platform, as the role runs it."""
+    """build_wheelhouse.py for the lab hosts' platform, with the monitor's extra, as the roles run it."""
     result = subprocess.run(
         [
             sys.executable,
@@ -31,6 +31,8 @@ def build(out: Path, lock: Path = LOCK) -> dict[str, Any]:
             'x86_64',
             '--constraint',
             str(lock),
+            '--extra',
+            'monitor',
             str(ROOT / 'worker'),
         ],
         capture_output=True,

@@ -39,6 +39,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from packaging.markers import Marker
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -105,29 +106,41 @@ def metadata_values(wheel: Path, field: str) -> list[str]:
     return [line.partition(':')[2].strip() for line in metadata.splitlines() if line.startswith(f'{field}:')]
 
 
-def locked(constraint: Path) -> dict[str, str]:
-    """Each entry of a lock as ``name==version --hash=…``, its marker cut, by normalised name."""
+def locked(constraint: Path, environment: dict[str, str]) -> dict[str, tuple[str, list[str]]]:
+    """The lock's version and hashes of each package, by normalised name, of the entries whose
+    marker holds on the target (a universal lock may list a package once per marker)."""
     entries = re.findall(
-        r'(?m)^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)[^\n]*\n((?:[ \t]+--hash=\S+[^\n]*\n)*)',
+        # name==version [; marker] [\], then its hash lines
+        r'(?m)^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)[ \t]*(?:;([^\\\n]*))?[^\n]*\n'
+        r'((?:[ \t]+--hash=\S+[^\n]*\n?)*)',
         constraint.read_text(),
     )
     return {
-        canonicalize_name(name): ' '.join([f'{name}=={version}', *re.findall(r'--hash=\S+', hashes)])
-        for name, version, hashes in entries
+        canonicalize_name(name): (version, re.findall(r'--hash=\S+', hashes))
+        for name, version, marker, hashes in entries
+        if not marker.strip() or Marker(marker.strip()).evaluate(environment)
     }
 
 
-def pinned(requirements: list[str], lock: dict[str, str], constraint: Path | None) -> list[str]:
-    """The lock's entry for each requirement. pip's hash-checking mode takes no range, and pip
-    skips a constraint whose marker fails on the controller though it holds on the target."""
-    names = [canonicalize_name(Requirement(r).name) for r in requirements]
-    absent = [name for name in names if name not in lock]
-    if absent:
-        raise SystemExit(
-            f'{", ".join(absent)}: required on the target but not in {constraint}; run make lock '
-            '(or point the constraint at a lock that holds them)'
-        )
-    return [lock[name] for name in names]
+def pinned(requirements: list[str], lock: dict[str, tuple[str, list[str]]], constraint: Path) -> list[str]:
+    """Each requirement at the lock's version, extras kept, with the lock's hashes. pip's
+    hash-checking mode takes no range, and pip skips a constraint whose marker fails on the
+    controller though it holds on the target."""
+    lines = []
+    for text in requirements:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        if name not in lock:
+            raise SystemExit(
+                f'{name}: required on the target but not in {constraint}; run make lock '
+                '(or point the constraint at a lock that holds it)'
+            )
+        version, hashes = lock[name]
+        if not requirement.specifier.contains(version, prereleases=True):
+            raise SystemExit(f'{constraint} has {name}=={version}, but {text} is required: run make lock')
+        extras = f'[{",".join(sorted(requirement.extras))}]' if requirement.extras else ''
+        lines.append(' '.join([f'{name}{extras}=={version}', *hashes]))
+    return lines
 
 
 def missing_requirements(
@@ -236,8 +249,9 @@ def build(
             download('-r', str(requirements))
             requirements.unlink()
 
+        environment = target_environment(python_version, arch)
         hashed = constraint is not None and '--hash=' in constraint.read_text()
-        lock = locked(constraint) if constraint else {}
+        lock = locked(constraint, environment) if constraint else {}
         if hashed:
             # the local wheels with their own hashes
             download_hashed(
@@ -250,15 +264,18 @@ def build(
             download(*(f'{w}{suffix[w.name]}' for w in local_wheels))
         for wheel in local_wheels:
             shutil.move(str(wheel), tmp / wheel.name)
-        environment = target_environment(python_version, arch)
         for _ in range(10):
             missing = missing_requirements(tmp, environment, chosen)
             if not missing:
                 break
-            if hashed:
+            if constraint is None:
+                download(*missing)
+            elif hashed:
                 download_hashed(pinned(missing, lock, constraint))
             else:
-                download(*missing)
+                # what the lock pins at its version, the rest as required
+                pins = [m for m in missing if canonicalize_name(Requirement(m).name) in lock]
+                download(*pinned(pins, lock, constraint), *(m for m in missing if m not in pins))
         local.rmdir()
         return {'packages': sorted(project_name(w) + suffix[w.name] for w in local_wheels), 'tmp': tmp}
     except BaseException:
