@@ -37,17 +37,17 @@ $(STAMPS)/apt: Makefile | $(STAMPS)
 	fi
 	touch $@
 
-# the controller tooling (uv among it: `make lock` runs before the worker can install)
-$(STAMPS)/tools: requirements.txt | $(STAMPS)/apt
+# the venv with uv at requirements.txt's pin: `make lock` runs before the worker can install
+$(STAMPS)/uv: requirements.txt | $(STAMPS)/apt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q "$$(grep '^uv==' requirements.txt)"
 	touch $@
 
 # the worker's dependencies from its lock file, their hashes checked, as on the hosts; then the
 # tooling and the worker itself with the lock's versions as constraints (its hashes cut: pip
 # requires a hash of every package once a constraint carries one, and an editable has none)
-$(STAMPS)/venv: $(STAMPS)/tools worker/pyproject.toml worker/requirements.lock
+$(STAMPS)/venv: $(STAMPS)/uv worker/pyproject.toml worker/requirements.lock
 	$(BIN)/pip install -q --require-hashes --no-deps -r worker/requirements.lock
 	sed -e '/^ *--hash=/d' -e 's/ *\\$$//' worker/requirements.lock > $(STAMPS)/versions.txt
 	$(BIN)/pip install -q -r requirements.txt -c $(STAMPS)/versions.txt -e "./worker[monitor]"
@@ -58,7 +58,7 @@ bootstrap: $(STAMPS)/venv ## install Debian packages, the venv and the worker (i
 # uv resolves for every platform from Python 3.11 on (markers where they differ) and lists the
 # hashes of every file of each version; it keeps the lock's other versions (LOCK_ARGS=--upgrade
 # moves them all to the newest)
-lock: $(STAMPS)/tools ## resolve the worker's whole dependency tree (with its extras) into worker/requirements.lock, with hashes
+lock: $(STAMPS)/uv ## resolve the worker's whole dependency tree (with its extras) into worker/requirements.lock, with hashes
 	cd worker && uv pip compile pyproject.toml --extra monitor --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet $(LOCK_ARGS) -o requirements.lock
 	@echo "worker/requirements.lock: $$(grep -c '==' worker/requirements.lock) packages"
 

@@ -125,7 +125,7 @@ def main() -> int:
         versions = {
             name: version
             for name, (version, _) in build_wheelhouse.locked(
-                args.source.resolve() / 'requirements.lock', environment
+                (args.source.resolve() / 'requirements.lock').read_text(), environment
             ).items()
         }
         versions.update(hold.split('==', 1) for hold in args.hold)

@@ -70,11 +70,15 @@ def source_hash(paths: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def wheels_hash(directory: Path) -> str:
     digest = hashlib.sha256()
     for wheel in sorted(directory.glob('*.whl')):
         digest.update(wheel.name.encode())
-        digest.update(hashlib.sha256(wheel.read_bytes()).digest())
+        digest.update(bytes.fromhex(sha256(wheel)))
     return digest.hexdigest()[:12]
 
 
@@ -106,14 +110,14 @@ def metadata_values(wheel: Path, field: str) -> list[str]:
     return [line.partition(':')[2].strip() for line in metadata.splitlines() if line.startswith(f'{field}:')]
 
 
-def locked(constraint: Path, environment: dict[str, str]) -> dict[str, tuple[str, list[str]]]:
+def locked(text: str, environment: dict[str, str]) -> dict[str, tuple[str, list[str]]]:
     """The lock's version and hashes of each package, by normalised name, of the entries whose
     marker holds on the target (a universal lock may list a package once per marker)."""
     entries = re.findall(
         # name==version [; marker] [\], then its hash lines
         r'(?m)^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)[ \t]*(?:;([^\\\n]*))?[^\n]*\n'
         r'((?:[ \t]+--hash=\S+[^\n]*\n?)*)',
-        constraint.read_text(),
+        text,
     )
     return {
         canonicalize_name(name): (version, re.findall(r'--hash=\S+', hashes))
@@ -122,7 +126,9 @@ def locked(constraint: Path, environment: dict[str, str]) -> dict[str, tuple[str
     }
 
 
-def pinned(requirements: list[str], lock: dict[str, tuple[str, list[str]]], constraint: Path) -> list[str]:
+def pinned(
+    requirements: list[str], lock: dict[str, tuple[str, list[str]]], constraint: Path | None
+) -> list[str]:
     """Each requirement at the lock's version, extras kept, with the lock's hashes. pip's
     hash-checking mode takes no range, and pip skips a constraint whose marker fails on the
     controller though it holds on the target."""
@@ -216,8 +222,11 @@ def build(
             raise SystemExit(f'--extra {", ".join(sorted(unknown))}: no local package provides it')
         suffix = {name: f'[{",".join(names)}]' if names else '' for name, names in chosen.items()}
 
-        def download(*requirements: str) -> None:
-            """Binary wheels for the target platform into the wheelhouse."""
+        def download(lines: list[str]) -> None:
+            """Binary wheels for the target platform into the wheelhouse, of requirements given as a
+            file's lines (where pip's hash-checking mode reads the hash of each)."""
+            requirements = local / 'requirements.txt'
+            requirements.write_text(''.join(f'{line}\n' for line in lines))
             subprocess.run(
                 [
                     sys.executable,
@@ -236,46 +245,31 @@ def build(
                     '-d',
                     str(tmp),
                     *(['--constraint', str(constraint)] if constraint else []),
-                    *requirements,
+                    '-r',
+                    str(requirements),
                 ],
                 check=True,
                 stdout=sys.stderr,
             )
-
-        def download_hashed(lines: list[str]) -> None:
-            """pip's hash-checking mode wants a hash of every requirement, in a file."""
-            requirements = local / 'requirements.txt'
-            requirements.write_text(''.join(f'{line}\n' for line in lines))
-            download('-r', str(requirements))
             requirements.unlink()
 
         environment = target_environment(python_version, arch)
-        hashed = constraint is not None and '--hash=' in constraint.read_text()
-        lock = locked(constraint, environment) if constraint else {}
-        if hashed:
-            # the local wheels with their own hashes
-            download_hashed(
-                [
-                    f'{w}{suffix[w.name]} --hash=sha256:{hashlib.sha256(w.read_bytes()).hexdigest()}'
-                    for w in local_wheels
-                ]
-            )
-        else:
-            download(*(f'{w}{suffix[w.name]}' for w in local_wheels))
+        text = constraint.read_text() if constraint else ''
+        hashed = '--hash=' in text
+        lock = locked(text, environment)
+        # the local wheels, with their own hashes in hash-checking mode
+        download(
+            [f'{w}{suffix[w.name]}' + (f' --hash=sha256:{sha256(w)}' if hashed else '') for w in local_wheels]
+        )
         for wheel in local_wheels:
             shutil.move(str(wheel), tmp / wheel.name)
         for _ in range(10):
             missing = missing_requirements(tmp, environment, chosen)
             if not missing:
                 break
-            if constraint is None:
-                download(*missing)
-            elif hashed:
-                download_hashed(pinned(missing, lock, constraint))
-            else:
-                # what the lock pins at its version, the rest as required
-                pins = [m for m in missing if canonicalize_name(Requirement(m).name) in lock]
-                download(*pinned(pins, lock, constraint), *(m for m in missing if m not in pins))
+            # what the lock holds at its version (all of them in hash-checking mode), the rest as required
+            pins = [m for m in missing if hashed or canonicalize_name(Requirement(m).name) in lock]
+            download(pinned(pins, lock, constraint) + [m for m in missing if m not in pins])
         local.rmdir()
         return {'packages': sorted(project_name(w) + suffix[w.name] for w in local_wheels), 'tmp': tmp}
     except BaseException:
