@@ -172,7 +172,7 @@ def make_fleet(workers: int) -> Fleet:
         host_vars.update(common, lab_fleet_ssh_port=ports[host], lab_fleet_publish=[])
         if host in (children.get('arq_monitors') or {}).get('hosts', {}):
             # not published on the controller: reachable from the bench network only
-            host_vars['stack_monitor_url'] = f'http://{host}:8080/workers'
+            host_vars['stack_monitor_url'] = 'http://{{ inventory_hostname }}:{{ arq_monitor_port }}/workers'
         write_yaml(
             fleet.inventory / 'host_vars' / f'{host}.yml', host_vars, f'{lab_host} of the lab, adapted.'
         )

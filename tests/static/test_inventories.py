@@ -15,8 +15,9 @@ from ..conftest import ROOT
 EXAMPLE_VAULT_PASSWORD = 'example-only'  # README, "Secrets"
 
 
-def host_var(inventory: str, host: str, variable: str, password_file: Path) -> str:
-    """A variable as a play on ``host`` sees it (playbooks/group_vars included), without contacting it."""
+def host_vars(inventory: str, host: str, password_file: Path, *names: str) -> dict[str, str]:
+    """Variables as a play on ``host`` sees them (playbooks/group_vars included), without contacting it."""
+    expression = '{' + ','.join(f"'{name}':{name}" for name in names) + '}'  # one word for -a
     result = subprocess.run(
         [
             'ansible',
@@ -28,7 +29,7 @@ def host_var(inventory: str, host: str, variable: str, password_file: Path) -> s
             '-m',
             'ansible.builtin.debug',
             '-a',
-            f'var={variable}',
+            f'var={expression}',
             '--vault-password-file',
             str(password_file),
         ],
@@ -44,7 +45,9 @@ def host_var(inventory: str, host: str, variable: str, password_file: Path) -> s
     )
     # profile_tasks (ansible.cfg) prints its time stamps around the report
     report, _ = json.JSONDecoder().raw_decode(result.stdout, result.stdout.index('{'))
-    return str(report['plays'][0]['tasks'][0]['hosts'][host][variable])
+    return {
+        name: str(value) for name, value in report['plays'][0]['tasks'][0]['hosts'][host][expression].items()
+    }
 
 
 @pytest.fixture
@@ -55,35 +58,47 @@ def password_file(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ('inventory', 'hosts', 'database_url', 'redis_url'),
+    ('inventory', 'hosts', 'expected'),
     [
         (
             'production',
             ('worker-1.prod.example.internal', 'ops-1.prod.example.internal'),
-            r'postgresql://flow_ROLE:production-ROLE[\w-]+@pg-1.prod.example.internal:5432/flows\?sslmode=verify-full',
-            r'rediss://:production-redis-\w+@redis-1.prod.example.internal:6380/0',
+            (
+                r'postgresql://flow_ROLE:production-ROLE[\w-]+@pg-1.prod.example.internal:5432/flows\?sslmode=verify-full',
+                r'rediss://:production-redis-\w+@redis-1.prod.example.internal:6380/0',
+                # the CA the servers name (group_vars/redis_servers.yml, postgresql_servers.yml)
+                '/etc/ssl/flowworker/ca.crt',
+            ),
         ),
         (
             'staging',
             ('worker-2.staging.example.internal', 'data-1.staging.example.internal'),
-            r'postgresql://flow_ROLE:staging-ROLE[\w-]+@data-1.staging.example.internal:5432/flows',
-            r'redis://:staging-redis-\w+@data-1.staging.example.internal:6379/0',
+            (
+                r'postgresql://flow_ROLE:staging-ROLE[\w-]+@data-1.staging.example.internal:5432/flows',
+                r'redis://:staging-redis-\w+@data-1.staging.example.internal:6379/0',
+                '',
+            ),
         ),
     ],
 )
-def test_the_dsns_and_the_monitor_token_come_from_the_inventory_and_its_vault(
-    inventory: str, hosts: tuple[str, str], database_url: str, redis_url: str, password_file: Path
+def test_the_dsns_the_cas_and_the_monitor_token_come_from_the_inventory_and_its_vault(
+    inventory: str,
+    hosts: tuple[str, str],
+    expected: tuple[str, str, str],
+    password_file: Path,
 ) -> None:
     worker, monitor = hosts
+    database_url, redis_url, ca_file = expected
     # the monitor reads with PostgreSQL's read-only monitor role; its token is in its group's own vault file
     for host, prefix, role in ((worker, 'arq_worker', 'worker'), (monitor, 'arq_monitor', 'monitor')):
-        dsn = host_var(inventory, host, f'{prefix}_database_url', password_file)
-        assert re.fullmatch(database_url.replace('ROLE', role), dsn)
-        assert re.fullmatch(redis_url, host_var(inventory, host, f'{prefix}_redis_url', password_file))
-    token = host_var(inventory, monitor, 'arq_monitor_token', password_file)
-    assert re.fullmatch(rf'{inventory}-monitor-[0-9a-f]{{24}}', token)
-    read_token = host_var(inventory, monitor, 'arq_monitor_read_token', password_file)
-    assert re.fullmatch(rf'{inventory}-monitor-read-[0-9a-f]{{24}}', read_token)
+        tokens = ('arq_monitor_token', 'arq_monitor_read_token') if prefix == 'arq_monitor' else ()
+        urls = ('database_url', 'redis_url', 'database_ca_file', 'redis_ca_file')
+        seen = host_vars(inventory, host, password_file, *(f'{prefix}_{name}' for name in urls), *tokens)
+        assert re.fullmatch(database_url.replace('ROLE', role), seen[f'{prefix}_database_url'])
+        assert re.fullmatch(redis_url, seen[f'{prefix}_redis_url'])
+        assert (seen[f'{prefix}_database_ca_file'], seen[f'{prefix}_redis_ca_file']) == (ca_file, ca_file)
+    assert re.fullmatch(rf'{inventory}-monitor-[0-9a-f]{{24}}', seen['arq_monitor_token'])
+    assert re.fullmatch(rf'{inventory}-monitor-read-[0-9a-f]{{24}}', seen['arq_monitor_read_token'])
 
 
 def test_the_vault_files_are_encrypted() -> None:

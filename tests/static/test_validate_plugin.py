@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+# the plugin imports flowworker's URL check from the project's collection, as ansible-playbook finds it
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / 'collections'))
 PLUGIN = (
     Path(__file__).resolve().parents[2] / 'roles' / 'arq_worker' / 'action_plugins' / 'arq_worker_validate.py'
 )
@@ -44,6 +46,8 @@ def args(**changes: Any) -> dict[str, Any]:
         'redis_url': 'redis://:pw@db:6379/0',
         'db_upgrade': False,
         'db_owner_url': '',
+        'database_ca_file': '/etc/ssl/flowworker/ca.crt',
+        'redis_ca_file': '',
         'nofile_limit': 65536,
         'nproc_limit': 4096,
         'keep_versions': 2,
@@ -92,8 +96,19 @@ def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
             {'service_mgr': 'sysvinit'},
             "arq_worker_process_manager is 'systemd' but this host's service manager",
         ),
-        ({'db_upgrade': True}, 'arq_worker_db_owner_url must be a postgresql:// URL'),
-        ({'redis_url': 'http://db'}, 'redis URL of another form'),
+        (
+            {'db_upgrade': True},
+            'arq_worker_db_owner_url (arq_worker_db_upgrade is true) must be a postgresql://',
+        ),
+        (
+            {'redis_url': 'http://db'},
+            'arq_worker_redis_url must be a redis://[[user]:password@]host:port/db URL (rediss:// for TLS, '
+            "or unix:///path) (got scheme 'http')",
+        ),
+        (
+            {'redis_ca_file': 'ca.crt'},
+            'arq_worker_redis_ca_file must be "" (the system\'s CAs) or an absolute path',
+        ),
         (
             {'pools': [{'name': 'rpc'}], 'process_manager': 'supervisor'},
             "a pool named 'rpc' cannot run under supervisor",

@@ -151,8 +151,16 @@ BAD = [
     ({}, ['--max-jobs', 'many'], '--max-jobs: Input should be a valid integer'),
     ({}, ['--job-timeout', '-1'], '--job-timeout: Input should be greater than 0'),
     ({'LOG_LEVEL': 'LOUD'}, [], "LOG_LEVEL: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'"),
-    ({'DATABASE_URL': 'mysql://u:hunter2@db/app'}, [], 'DATABASE_URL: must be a postgresql://'),
-    ({'REDIS_URL': 'http://u:hunter2@cache'}, [], 'REDIS_URL: must be a redis://, rediss:// or unix:// URL'),
+    (
+        {'DATABASE_URL': 'mysql://u:hunter2@db/app'},
+        [],
+        "DATABASE_URL: must be a postgresql://user:password@host:port/name URL (got scheme 'mysql')",
+    ),
+    (
+        {'REDIS_URL': 'http://u:hunter2@cache'},
+        [],
+        'REDIS_URL: must be a redis://[[user]:password@]host:port/db URL',
+    ),
     ({'DATABASE_POOL_SIZE': '0'}, [], 'DATABASE_POOL_SIZE: Input should be greater than or equal to 1'),
     ({'DATABASE_SSLMODE': 'maybe'}, [], "DATABASE_SSLMODE: Input should be 'disable', 'allow'"),
     ({'FLOWWORKER_QUEUE_NAME': 'a b'}, [], 'FLOWWORKER_QUEUE_NAME: String should match pattern'),

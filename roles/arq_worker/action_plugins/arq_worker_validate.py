@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ansible.plugins.action import ActionBase
+from ansible_collections.flowworker.fleet.plugins.plugin_utils.flowworker import urls
 
 _spec = importlib.util.spec_from_file_location(
     'arq_worker_role_plan', Path(__file__).resolve().parent.parent / 'module_utils' / 'arq_worker_plan.py'
@@ -25,8 +26,6 @@ assert _spec.loader is not None
 _plan = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_plan)
 
-DSN = re.compile(r'^postgres(ql)?://[^/]+/.+')
-REDIS_URL = re.compile(r'^(redis|rediss|unix)://.+')
 POOL_NAME = re.compile(r'^[a-z0-9_]{1,32}$')
 QUEUE = re.compile(r'^[A-Za-z0-9_.:-]+$')
 ENV_NAME = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*$')
@@ -203,19 +202,22 @@ def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
             f"arq_worker_process_manager is '{manager}' but this host's service manager is "
             f"'{args['service_mgr']}': use 'supervisor' or a systemd host."
         )
-    database_url, redis_url = args['database_url'], args['redis_url']
-    if not (
-        DSN.match(database_url)
-        and REDIS_URL.match(redis_url)
-        and (not args['db_upgrade'] or DSN.match(args['db_owner_url']))
-    ):
-        raise Invalid(
-            'arq_worker_database_url must be postgresql://user:password@host:port/db and '
-            'arq_worker_redis_url must be redis://[:password@]host:port/db (rediss:// for TLS, or unix://); '
-            f'got database URL {"empty" if not database_url else "of another form"}, '
-            f'redis URL {"empty" if not redis_url else "of another form"}; '
-            'arq_worker_db_owner_url must be a postgresql:// URL when arq_worker_db_upgrade is true.'
-        )
+    problems = {
+        'arq_worker_database_url': urls.database_url_problem(args['database_url']),
+        'arq_worker_redis_url': urls.redis_url_problem(args['redis_url']),
+        # the schema owner migrates the schema
+        'arq_worker_db_owner_url (arq_worker_db_upgrade is true)': args['db_upgrade']
+        and urls.database_url_problem(args['db_owner_url']),
+    }
+    if told := [f'{name} {problem}' for name, problem in problems.items() if problem]:
+        # what is wrong, never the values: a URL may hold a password
+        raise Invalid('; '.join(told) + '.')
+    for name in ('database_ca_file', 'redis_ca_file'):
+        if args[name] and not str(args[name]).startswith('/'):
+            raise Invalid(
+                f'arq_worker_{name} must be "" (the system\'s CAs) or an absolute path on the host '
+                f'(got {args[name]!r}).'
+            )
     constraints = str(args.get('constraints') or '')
     if constraints and not Path(constraints).is_file():
         raise Invalid(
@@ -274,13 +276,14 @@ def check_retention(args: dict[str, Any]) -> None:
         )
     if not prunes(args):
         return
-    if args['service_mgr'] != 'systemd' or not DSN.match(args['db_owner_url']):
+    owner_url = urls.database_url_problem(args['db_owner_url'])
+    if args['service_mgr'] != 'systemd' or owner_url:
         raise Invalid(
             f'arq_worker_record_retention is {retention}: this host (arq_worker_record_prune_host) prunes '
             'the records on a systemd timer as the schema owner, so it needs systemd (it has '
-            f"'{args['service_mgr']}') and arq_worker_db_owner_url as a postgresql:// URL "
-            f'(got {"empty" if not args["db_owner_url"] else "another form"}); or set '
-            'arq_worker_record_retention: 0 to keep every record.'
+            f"'{args['service_mgr']}') and arq_worker_db_owner_url as a PostgreSQL URL"
+            f'{" (it " + owner_url + ")" if owner_url else ""}; or set arq_worker_record_retention: 0 '
+            'to keep every record.'
         )
 
 

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from arq.connections import RedisSettings
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .urls import database_url_problem, redis_url_problem
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -183,25 +185,14 @@ class Settings(BaseSettings):
     def _default_worker_id(cls, value: str) -> str:
         return f'{socket.gethostname()}:{os.getpid()}' if value == '<hostname>:<pid>' else value
 
-    @field_validator('database_url', mode='after')
+    @field_validator('database_url', 'redis_url', mode='after')
     @classmethod
-    def _check_database_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is None:
-            return value
-        # the scheme alone (<backend>[+<driver>]://): SQLAlchemy parses the rest when a command
-        # connects, and a command that needs Redis alone does not load it
-        scheme, found, _ = value.get_secret_value().partition('://')
-        if not found or scheme.partition('+')[0] not in {'postgresql', 'postgres'}:
-            raise ValueError('must be a postgresql://user:password@host:port/name URL')
-        return value
-
-    @field_validator('redis_url', mode='after')
-    @classmethod
-    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and not value.get_secret_value().startswith(
-            ('redis://', 'rediss://', 'unix://')
-        ):
-            raise ValueError('must be a redis://, rediss:// or unix:// URL')
+    def _check_url(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        # the form alone: SQLAlchemy and redis-py parse the rest when a command connects (and a
+        # command that needs Redis alone does not load SQLAlchemy)
+        problem = database_url_problem if info.field_name == 'database_url' else redis_url_problem
+        if value is not None and (message := problem(value.get_secret_value())):
+            raise ValueError(message)
         return value
 
     @field_validator('monitor_token', 'monitor_read_token', mode='after')

@@ -1,0 +1,57 @@
+"""The URL forms flowworker connects with, checked without connecting.
+
+One check for every reader: the settings (``DATABASE_URL``, ``REDIS_URL``) and the deployment
+roles, which load this file on the controller, before any host changes, so it imports nothing
+beyond the standard library. A problem is told without the URL: it may hold a password.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import SplitResult, urlsplit
+
+DATABASE_FORM = 'a postgresql://user:password@host:port/name URL'
+REDIS_FORM = 'a redis://[[user]:password@]host:port/db URL (rediss:// for TLS, or unix:///path)'
+
+
+def database_url_problem(url: str) -> str | None:
+    """What is wrong with a PostgreSQL URL (``postgresql[+driver]://``), or None."""
+    if not url:
+        return f'must be {DATABASE_FORM} (got an empty one)'
+    scheme, found, _ = url.partition('://')
+    if not found or scheme.partition('+')[0] not in {'postgresql', 'postgres'}:
+        return f'must be {DATABASE_FORM} (got {_scheme(scheme if found else "")})'
+    parts = urlsplit(url)
+    if not parts.path.strip('/'):
+        return f'must be {DATABASE_FORM} (got one that names no database)'
+    return _port_problem(parts, DATABASE_FORM)
+
+
+def redis_url_problem(url: str) -> str | None:
+    """What is wrong with a Redis URL (``redis://``, ``rediss://``, ``unix://``), or None."""
+    if not url:
+        return f'must be {REDIS_FORM} (got an empty one)'
+    scheme, found, _ = url.partition('://')
+    if not found or scheme not in {'redis', 'rediss', 'unix'}:
+        return f'must be {REDIS_FORM} (got {_scheme(scheme if found else "")})'
+    parts = urlsplit(url)
+    if scheme == 'unix':
+        return None if parts.path else f'must be {REDIS_FORM} (got a unix:// URL with no socket path)'
+    if not parts.hostname:
+        return f'must be {REDIS_FORM} (got one that names no host)'
+    database = parts.path.strip('/')
+    if database and not database.isdigit():
+        return f'must be {REDIS_FORM} (got a database that is not a number)'
+    return _port_problem(parts, REDIS_FORM)
+
+
+def _scheme(scheme: str) -> str:
+    # a URL without '://' is told as having no scheme: what precedes a ':' may be a password
+    return f'scheme {scheme!r}' if scheme and scheme.replace('+', '').isalnum() else 'no scheme'
+
+
+def _port_problem(parts: SplitResult, form: str) -> str | None:
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    return None if port is None or port > 0 else f'must be {form} (got a port that is not 1 to 65535)'
