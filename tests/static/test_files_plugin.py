@@ -133,17 +133,24 @@ def test_a_secret_is_never_printed_not_even_with_diff_and_vvv(tmp_path: Path) ->
     assert (root / 'app.env').read_text() == SECRET + '\n'
 
 
-def test_a_candidate_that_fails_validation_leaves_the_old_file(tmp_path: Path) -> None:
+def test_a_candidate_that_fails_validation_or_the_unit_check_is_not_written(tmp_path: Path) -> None:
     root = tmp_path / 'etc'
     root.mkdir()
     (root / 'app.conf').write_text('good\n')
     bad = {'path': str(root / 'app.conf'), 'content': 'bad\n', 'mode': '0644', 'validate': 'grep -q good %s'}
-    [result], _ = run(tmp_path, [bad])
+    # a unit is checked as the unit its path names; a template as its instance 1
+    template = {'path': str(root / 'app@.service'), 'content': '[Service]\nExecStart=/bin/sleep %i\n'}
+    broken = {'path': str(root / 'app.service'), 'content': '[Service]\nExecStart=/nonexistent/app\n'}
+    units = [{**entry, 'mode': '0644', 'unit': True} for entry in (template, broken)]
+    [result, unit_result], _ = run(tmp_path, [bad], units)
     assert result['failed'] is True
     assert 'failed validation' in result['msg']
     assert str(root / 'app.conf') in result['msg']
     assert (root / 'app.conf').read_text() == 'good\n'
-    assert sorted(p.name for p in root.iterdir()) == ['app.conf']
+    assert unit_result['failed'] is True
+    assert f'{root}/app.service: failed systemd-analyze verify as app.service' in unit_result['msg']
+    assert '/nonexistent/app' in unit_result['msg']
+    assert sorted(p.name for p in root.iterdir()) == ['app.conf', 'app@.service']
 
 
 BAD_ENTRIES = [

@@ -54,6 +54,7 @@ def args(**changes: Any) -> dict[str, Any]:
         'install_method': 'wheelhouse',
         'version': '0.1.0',
         'extra_env': {},
+        'moved': [],
         'home': '/opt/arq-worker',
         'config_dir': '/etc/arq-worker',
         'log_dir': '/var/log/arq-worker',
@@ -123,6 +124,10 @@ def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
             'arq_worker_pools[0].queue (from arq_worker_queue_name)',
         ),
         ({'keep_versions': -1}, 'arq_worker_keep_versions must be >= 0 (got -1)'),
+        (
+            {'moved': ['arq_worker_pip_index_url']},
+            'arq_worker_pip_index_url is now flowworker_install_pip_index_url: where flowworker comes from',
+        ),
         (
             {'install_method': 'pypi', 'version': ''},
             "arq_worker_version must be set when arq_worker_install_method is 'pypi'",

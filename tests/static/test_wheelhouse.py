@@ -22,7 +22,7 @@ def build(out: Path, lock: Path = LOCK) -> dict[str, Any]:
     result = subprocess.run(
         [
             sys.executable,
-            str(ROOT / 'roles' / 'arq_worker' / 'files' / 'build_wheelhouse.py'),
+            str(ROOT / 'roles' / 'flowworker_install' / 'files' / 'build_wheelhouse.py'),
             '--out',
             str(out),
             '--python-version',

@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ROLE_FILES = Path(__file__).resolve().parents[3] / 'roles' / 'arq_worker' / 'files'
+ROLE_FILES = Path(__file__).resolve().parents[3] / 'roles' / 'flowworker_install' / 'files'
 sys.path.insert(0, str(ROLE_FILES))
 import build_wheelhouse  # noqa: E402  (the role's lock reader)
 

@@ -85,7 +85,7 @@ def pools(raw_pools: list[dict[str, Any]], defaults: dict[str, Any], manager: st
     return out
 
 
-def unit_files(derived: list[dict], unit_dir: str, verify_unit: str) -> list[dict[str, Any]]:
+def unit_files(derived: list[dict], unit_dir: str) -> list[dict[str, Any]]:
     """Every pool's template unit and target, as flowworker.fleet.files entries (tasks/configure.yml)."""
     files = []
     for pool in derived:
@@ -102,7 +102,7 @@ def unit_files(derived: list[dict], unit_dir: str, verify_unit: str) -> list[dic
                     'owner': 'root',
                     'group': 'root',
                     'mode': '0644',
-                    'validate': f'{verify_unit} %s {name}',
+                    'unit': True,
                 }
             )
     return files
@@ -196,6 +196,14 @@ def check_pools(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
 
 
 def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
+    if args['moved']:
+        renamed = '; '.join(
+            f'{name} is now {name.replace("arq_worker_", "flowworker_install_", 1)}' for name in args['moved']
+        )
+        raise Invalid(
+            f'{renamed}: where flowworker comes from (package index, wheelhouse directory) is set once for '
+            'every role that installs it (roles/flowworker_install).'
+        )
     manager = args['process_manager']
     if manager != 'supervisor' and args['service_mgr'] != 'systemd':
         raise Invalid(
@@ -306,8 +314,6 @@ class ActionModule(ActionBase):
             'pools': derived,
             'prunes': prunes(args),
             'unit_files': (
-                unit_files(derived, args['unit_dir'], args['verify_unit'])
-                if args['process_manager'] == 'systemd'
-                else []
+                unit_files(derived, args['unit_dir']) if args['process_manager'] == 'systemd' else []
             ),
         }

@@ -55,6 +55,13 @@ options:
       validate:
         description: A command with C(%s) run on the candidate file before it replaces the old one.
         type: str
+      unit:
+        description:
+          - Check the candidate with C(systemd-analyze verify) as the systemd unit its path names
+            (its basename) before it replaces the old one; a template unit (C(name@.service)) as
+            its instance 1, so that C(ExecStart)'s program and the specifiers are checked too.
+        type: bool
+        default: false
       secret:
         description: Keep the content out of every output, the diff included.
         type: bool
@@ -223,7 +230,7 @@ class Converger:
         if self.check:
             return
         if content_differs:
-            self._replace(path, data, wanted, entry['validate'])
+            self._replace(path, data, wanted, entry)
         else:
             self._set_attributes(path, *wanted)
 
@@ -240,7 +247,7 @@ class Converger:
             'after': _describe('file', after) + ('(content changed, not shown)\n' if content_differs else ''),
         }
 
-    def _replace(self, path: str, data: bytes, wanted: Wanted, validate: str | None) -> None:
+    def _replace(self, path: str, data: bytes, wanted: Wanted, entry: dict[str, Any]) -> None:
         """A candidate beside the file, with its final attributes, validated, renamed over it."""
         directory = os.path.dirname(path) or '.'
         if not os.path.isdir(directory):
@@ -252,8 +259,10 @@ class Converger:
                 out.flush()
                 os.fsync(out.fileno())
             self._set_attributes(candidate, *wanted)
-            if validate:
-                self._validate(validate, candidate)
+            if entry['validate']:
+                self._validate(entry['validate'], candidate)
+            if entry['unit']:
+                self._verify_unit(candidate, os.path.basename(path))
             os.replace(candidate, path)
         except BaseException:
             if os.path.lexists(candidate):
@@ -266,6 +275,14 @@ class Converger:
         rc, out, err = self.module.run_command(shlex.split(command.replace('%s', shlex.quote(candidate))))
         if rc != 0:
             raise EntryError(f'failed validation with {command!r} (rc {rc}): {(err or out).strip()}')
+
+    def _verify_unit(self, candidate: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as directory:
+            shutil.copyfile(candidate, os.path.join(directory, name))
+            checked = os.path.join(directory, name.replace('@.', '@1.', 1))
+            rc, out, err = self.module.run_command(['systemd-analyze', 'verify', checked])
+        if rc != 0:
+            raise EntryError(f'failed systemd-analyze verify as {name} (rc {rc}): {(err or out).strip()}')
 
     def directory(self, entry: dict[str, Any]) -> None:
         path = entry['path']
@@ -349,6 +366,7 @@ def main() -> None:
                     'group': {'type': 'str'},
                     'mode': {'type': 'str'},
                     'validate': {'type': 'str'},
+                    'unit': {'type': 'bool', 'default': False},
                     'secret': {'type': 'bool', 'default': False},
                 },
             }

@@ -1,11 +1,11 @@
 #!/usr/bin/python
-"""What tasks/install.yml needs to know of the host, in one module run."""
+"""What tasks/main.yml needs to know of the host, in one module run."""
 
 from __future__ import annotations
 
 DOCUMENTATION = r"""
 ---
-module: arq_worker_installed
+module: flowworker_installed
 short_description: Read the account, the tested virtualenv, the current version and the package lists
 description:
   - Reads, and never changes, what the install steps of the role decide on; a converged host

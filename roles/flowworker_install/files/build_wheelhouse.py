@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build (or reuse) a wheelhouse for one target Python version and architecture.
 
-Run on the controller by the arq_worker role (delegated to localhost, run once per target
+Run on the controller by the flowworker_install role (delegated to localhost, run once per target
 platform).  Local packages (the worker and the team's flow packages) are built with
 ``pip wheel --no-deps``; their dependencies are downloaded as binary wheels for the target
 platform with ``pip download --only-binary=:all:``, so hosts need no compiler and no index.

@@ -1,4 +1,4 @@
-"""flowworker.fleet's URL filters (arq_monitor's validation): flowworker's check, after the variable."""
+"""flowworker.fleet's filters: the URL checks (arq_monitor's validation) and the services' sandbox."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from ..conftest import ROOT
 
 sys.path.insert(0, str(ROOT / 'collections'))
 
-from ansible_collections.flowworker.fleet.plugins.filter.urls import FilterModule
+from ansible_collections.flowworker.fleet.plugins.filter import systemd, urls
 
-FILTERS = FilterModule().filters()
+FILTERS = {**urls.FilterModule().filters(), **systemd.FilterModule().filters()}
 
 
 def test_a_good_url_has_no_problem() -> None:
@@ -27,3 +27,13 @@ def test_a_problem_names_the_variable_and_never_the_url() -> None:
     assert FILTERS['database_url_problem'](None) == (
         'must be a postgresql://user:password@host:port/name URL (got an empty one)'
     )
+
+
+def test_the_sandbox_writes_only_the_paths_given_and_keeps_a_low_port_s_one_capability() -> None:
+    worker = FILTERS['systemd_sandbox'](['/var/log/arq-worker']).splitlines()
+    assert worker[-1] == 'ReadWritePaths=/var/log/arq-worker'
+    assert {'CapabilityBoundingSet=', 'PrivateUsers=yes', 'ProtectSystem=strict'} <= set(worker)
+    monitor = FILTERS['systemd_sandbox']([], bind_service=True).splitlines()
+    assert 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' in monitor
+    assert 'PrivateUsers=yes' not in monitor
+    assert not any(line.startswith('ReadWritePaths=') for line in monitor)
