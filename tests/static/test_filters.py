@@ -37,3 +37,8 @@ def test_the_sandbox_writes_only_the_paths_given_and_keeps_a_low_port_s_one_capa
     assert 'CapabilityBoundingSet=CAP_NET_BIND_SERVICE' in monitor
     assert 'PrivateUsers=yes' not in monitor
     assert not any(line.startswith('ReadWritePaths=') for line in monitor)
+
+
+def test_url_quote_encodes_what_a_user_or_password_cannot_hold() -> None:
+    # `/` too, which urlencode leaves (a base64 vault secret has it); the worker decodes it back
+    assert FILTERS['url_quote']('p@ss/w:rd% +') == 'p%40ss%2Fw%3Ard%25%20%2B'

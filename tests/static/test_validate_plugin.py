@@ -54,7 +54,6 @@ def args(**changes: Any) -> dict[str, Any]:
         'install_method': 'wheelhouse',
         'version': '0.1.0',
         'extra_env': {},
-        'moved': [],
         'home': '/opt/arq-worker',
         'config_dir': '/etc/arq-worker',
         'log_dir': '/var/log/arq-worker',
@@ -107,6 +106,10 @@ def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
             "or unix:///path) (got scheme 'http')",
         ),
         (
+            {'extra_env': {'REDIS_TLS_CA_CERTS': '/etc/ssl/ca.crt'}},
+            'arq_worker_extra_env sets REDIS_TLS_CA_CERTS, which the role writes from arq_worker_redis_ca_',
+        ),
+        (
             {'redis_ca_file': 'ca.crt'},
             'arq_worker_redis_ca_file must be "" (the system\'s CAs) or an absolute path',
         ),
@@ -124,10 +127,6 @@ def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
             'arq_worker_pools[0].queue (from arq_worker_queue_name)',
         ),
         ({'keep_versions': -1}, 'arq_worker_keep_versions must be >= 0 (got -1)'),
-        (
-            {'moved': ['arq_worker_pip_index_url']},
-            'arq_worker_pip_index_url is now flowworker_install_pip_index_url: where flowworker comes from',
-        ),
         (
             {'install_method': 'pypi', 'version': ''},
             "arq_worker_version must be set when arq_worker_install_method is 'pypi'",

@@ -110,6 +110,11 @@ def test_sslmode_in_the_url_becomes_asyncpgs_ssl_argument() -> None:
     ('environment', 'expected'),
     [
         ({'REDIS_URL': 'rediss://:secret@cache:6380/2'}, ('cache', 6380, 2, None, 'secret', True)),
+        # what stack.yml's url_quote writes for a user and a password with the URL's own characters
+        (
+            {'REDIS_URL': 'redis://flow%20worker:p%40ss%2Fw%3Ard%25@cache:6379/0'},
+            ('cache', 6379, 0, 'flow worker', 'p@ss/w:rd%', False),
+        ),
         (
             {
                 'REDIS_HOST': 'cache',
@@ -122,7 +127,7 @@ def test_sslmode_in_the_url_becomes_asyncpgs_ssl_argument() -> None:
             ('cache', 6390, 1, 'app', 'pw', True),
         ),
     ],
-    ids=['url', 'components'],
+    ids=['url', 'url-encoded', 'components'],
 )
 def test_redis_settings(
     monkeypatch: pytest.MonkeyPatch, environment: dict[str, str], expected: tuple[object, ...]

@@ -196,14 +196,6 @@ def check_pools(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
 
 
 def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
-    if args['moved']:
-        renamed = '; '.join(
-            f'{name} is now {name.replace("arq_worker_", "flowworker_install_", 1)}' for name in args['moved']
-        )
-        raise Invalid(
-            f'{renamed}: where flowworker comes from (package index, wheelhouse directory) is set once for '
-            'every role that installs it (roles/flowworker_install).'
-        )
     manager = args['process_manager']
     if manager != 'supervisor' and args['service_mgr'] != 'systemd':
         raise Invalid(
@@ -220,11 +212,15 @@ def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
     if told := [f'{name} {problem}' for name, problem in problems.items() if problem]:
         # what is wrong, never the values: a URL may hold a password
         raise Invalid('; '.join(told) + '.')
-    for name in ('database_ca_file', 'redis_ca_file'):
+    for name, env in (('database_ca_file', 'DATABASE_SSLROOTCERT'), ('redis_ca_file', 'REDIS_TLS_CA_CERTS')):
         if args[name] and not str(args[name]).startswith('/'):
             raise Invalid(
                 f'arq_worker_{name} must be "" (the system\'s CAs) or an absolute path on the host '
                 f'(got {args[name]!r}).'
+            )
+        if env in args['extra_env']:
+            raise Invalid(
+                f'arq_worker_extra_env sets {env}, which the role writes from arq_worker_{name}: set that.'
             )
     constraints = str(args.get('constraints') or '')
     if constraints and not Path(constraints).is_file():

@@ -12,6 +12,7 @@ import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import unquote
 
 from arq.connections import RedisSettings
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
@@ -251,7 +252,10 @@ class Settings(BaseSettings):
     def redis_settings(self) -> RedisSettings:
         if self.redis_url is not None:
             settings = RedisSettings.from_dsn(self.redis_url.get_secret_value())
-            settings.username = settings.username or None  # redis://:password@host parses as user ''
+            # arq passes the URL's user and password on as written: decode them (a password with
+            # @ : / % must be percent-encoded in a URL); redis://:password@host parses as user ''
+            settings.username = unquote(settings.username) if settings.username else None
+            settings.password = unquote(settings.password) if settings.password is not None else None
         else:
             settings = RedisSettings(
                 host=self.redis_host or 'localhost',

@@ -16,8 +16,8 @@ short_description: A server role's published endpoint, for one of its hosts
 description:
   - Returns the variable C(<role>_endpoint) of the role's C(vars/main.yml) (its port, TLS, CA
     file, database, role names and passwords, all a client needs), templated as the role would
-    template it on O(host) - that host's inventory variables of the role (its prefix) first, the
-    role's C(defaults/main.yml) where the inventory sets nothing.
+    template it on O(host) - that host's inventory variables first, the role's
+    C(defaults/main.yml) where the inventory sets nothing.
   - It reads the inventory, not facts, so it works for a server host that a C(--limit)ed run leaves
     out, and no role default is typed again where a client's URL is assembled.
 options:
@@ -63,11 +63,10 @@ class LookupModule(LookupBase):
                     f'flowworker.fleet.endpoint: the role {role!r} publishes no {name} '
                     f'(in {ROLES / str(role)}/vars/main.yml)'
                 )
-            # Ansible's order: the role's vars, then the host's inventory (its variables of the role,
-            # each templated as on that host), then the role's defaults
-            on_host = hostvars[host]
-            inventory = {key: on_host[key] for key in on_host if key.startswith(f'{role}_')}
-            context = ChainMap(role_vars, inventory, self._role_file(str(role), 'defaults'))
+            # Ansible's order: the role's vars, then the host's own (its inventory, as written: only
+            # what the endpoint reads gets templated, so a variable that needs facts the run does
+            # not have costs nothing), then the role's defaults
+            context = ChainMap(role_vars, hostvars.raw_get(host), self._role_file(str(role), 'defaults'))
             published.append(
                 self._templar.copy_with_new_env(available_variables=context).template(role_vars[name])
             )
