@@ -189,7 +189,9 @@ class WorkerProcess:
             self.signal(signal.SIGTERM)
         try:
             return self.wait(30)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as timeout:
             self.process.kill()
             self.process.wait()
-            raise
+            # what the process said before it hung, for the report
+            said = self.output()
+            raise AssertionError(f'{self.log.name} did not stop within 30 s of SIGTERM:\n{said}') from timeout
