@@ -15,33 +15,45 @@ REDIS_FORM = 'a redis://[[user]:password@]host:port/db URL (rediss:// for TLS, o
 
 def database_url_problem(url: str) -> str | None:
     """What is wrong with a PostgreSQL URL (``postgresql[+driver]://``), or None."""
-    if not url:
-        return f'must be {DATABASE_FORM} (got an empty one)'
-    scheme, found, _ = url.partition('://')
-    if not found or scheme.partition('+')[0] not in {'postgresql', 'postgres'}:
-        return f'must be {DATABASE_FORM} (got {_scheme(scheme if found else "")})'
-    parts = urlsplit(url)
-    if not parts.path.strip('/'):
-        return f'must be {DATABASE_FORM} (got one that names no database)'
-    return _port_problem(parts, DATABASE_FORM)
+    return _told(DATABASE_FORM, _database_got(url))
 
 
 def redis_url_problem(url: str) -> str | None:
     """What is wrong with a Redis URL (``redis://``, ``rediss://``, ``unix://``), or None."""
-    if not url:
-        return f'must be {REDIS_FORM} (got an empty one)'
+    return _told(REDIS_FORM, _redis_got(url))
+
+
+def _told(form: str, got: str | None) -> str | None:
+    return None if got is None else f'must be {form} (got {got})'
+
+
+def _database_got(url: str) -> str | None:
     scheme, found, _ = url.partition('://')
+    if not url:
+        return 'an empty one'
+    if not found or scheme.partition('+')[0] not in {'postgresql', 'postgres'}:
+        return _scheme(scheme if found else '')
+    parts = urlsplit(url)
+    if not parts.path.strip('/'):
+        return 'one that names no database'
+    return _port(parts)
+
+
+def _redis_got(url: str) -> str | None:
+    scheme, found, _ = url.partition('://')
+    if not url:
+        return 'an empty one'
     if not found or scheme not in {'redis', 'rediss', 'unix'}:
-        return f'must be {REDIS_FORM} (got {_scheme(scheme if found else "")})'
+        return _scheme(scheme if found else '')
     parts = urlsplit(url)
     if scheme == 'unix':
-        return None if parts.path else f'must be {REDIS_FORM} (got a unix:// URL with no socket path)'
+        return None if parts.path else 'a unix:// URL with no socket path'
     if not parts.hostname:
-        return f'must be {REDIS_FORM} (got one that names no host)'
+        return 'one that names no host'
     database = parts.path.strip('/')
     if database and not database.isdigit():
-        return f'must be {REDIS_FORM} (got a database that is not a number)'
-    return _port_problem(parts, REDIS_FORM)
+        return 'a database that is not a number'
+    return _port(parts)
 
 
 def _scheme(scheme: str) -> str:
@@ -49,9 +61,9 @@ def _scheme(scheme: str) -> str:
     return f'scheme {scheme!r}' if scheme and scheme.replace('+', '').isalnum() else 'no scheme'
 
 
-def _port_problem(parts: SplitResult, form: str) -> str | None:
+def _port(parts: SplitResult) -> str | None:
     try:
         port = parts.port
     except ValueError:
         port = 0
-    return None if port is None or port > 0 else f'must be {form} (got a port that is not 1 to 65535)'
+    return None if port is None or port > 0 else 'a port that is not 1 to 65535'
