@@ -10,8 +10,9 @@ short_description: Reconcile a host's arq worker instances with its pools
 description:
   - Finds every instance of the role on the host, whatever manages it (systemd units of every
     pool prefix, loaded or only on disk, with their enablement links and drop-ins; supervisor
-    programs with their program and log files; this host's heartbeat keys), plans the way to
-    the pools under I(manager) (module_utils/arq_worker_plan.py) and applies it.
+    programs with their program and log files; this host's heartbeat keys, read only when the
+    instances call for a change), plans the way to the pools under I(manager)
+    (module_utils/arq_worker_plan.py) and applies it.
   - Instances not wanted are drained one at a time (SIGUSR1, wait until their heartbeat shows no
     running job, at most their pool's drain timeout), stopped and removed with their files and
     keys. New instances start and are waited for until their heartbeat reports their process. An
@@ -94,6 +95,7 @@ report:
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -208,19 +210,21 @@ class Instances:
         if os.path.isdir('/run/systemd/system') and shutil.which('systemctl'):
             instances += self.find_systemd(pool_files, targets_up)
         instances += self.find_supervisor(pool_files)
-        keys = set()
-        if os.path.exists(self.python) and os.path.exists(self.p['env_file']):
-            rc, answer, why = self.heartbeat('list', '--match', self.p['host_id'] + ':arq-worker*')
-            if rc == 0:
-                keys = set(answer.get('workers', {}))
-            else:
-                self.module.warn('cannot list the heartbeat keys of this host: ' + why)
         return Host(
             instances=tuple(instances),
             pool_files={key: tuple(sorted(paths)) for key, paths in pool_files.items()},
             targets_up=frozenset(targets_up),
-            keys=frozenset(keys),
         )
+
+    def keys(self):
+        """The worker ids of this host's heartbeat keys (none while nothing is installed)."""
+        if not (os.path.exists(self.python) and os.path.exists(self.p['env_file'])):
+            return frozenset()
+        rc, answer, why = self.heartbeat('list', '--match', self.p['host_id'] + ':arq-worker*')
+        if rc != 0:
+            self.module.warn('cannot list the heartbeat keys of this host: ' + why)
+            return frozenset()
+        return frozenset(answer.get('workers', {}))
 
     def find_systemd(self, pool_files, targets_up):
         unit_dir = self.p['unit_dir']
@@ -528,16 +532,13 @@ def main():
         pools = [Pool(str(p['prefix']), int(p['count']), float(p['drain_timeout'])) for p in params['pools']]
     except (KeyError, TypeError, ValueError) as exc:
         module.fail_json(msg=f'pools: each pool needs prefix, count and drain_timeout ({exc})')
+    options = {'default_drain_timeout': params['drain_timeout'], 'restart_all': params['restart_all']}
     try:
         host = instances.find()
-        todo = plan(
-            params['manager'],
-            pools,
-            host,
-            params['host_id'],
-            default_drain_timeout=params['drain_timeout'],
-            restart_all=params['restart_all'],
-        )
+        todo = plan(params['manager'], pools, host, params['host_id'], **options)
+        if todo.changes:
+            host = dataclasses.replace(host, keys=instances.keys())
+            todo = plan(params['manager'], pools, host, params['host_id'], **options)
     except Failed as exc:
         module.fail_json(msg=str(exc))
     result = {'changed': todo.changes, 'plan': todo.as_dict(), 'report': instances.report}
