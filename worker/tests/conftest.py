@@ -92,15 +92,17 @@ class Stack:
     db: asyncpg.Connection
     arq: ArqRedis
 
-    def __init__(self, env: dict[str, str], owner_url: str, logs: Path) -> None:
+    def __init__(self, env: dict[str, str], admin_url: str, owner_url: str, logs: Path) -> None:
         self.env = env
+        self.admin_url = admin_url
         self.owner_url = owner_url
         self.logs = logs
         self.workers: list[WorkerProcess] = []
 
     async def connect(self) -> None:
-        self.redis = Redis.from_url(self.env['REDIS_URL'])
-        self.arq = await create_pool(RedisSettings.from_dsn(self.env['REDIS_URL']))
+        # the tests' own handles log in as Redis's admin; the workers as its worker user
+        self.redis = Redis.from_url(self.admin_url)
+        self.arq = await create_pool(RedisSettings.from_dsn(self.admin_url))
         self.db = await asyncpg.connect(self.owner_url)
 
     async def close(self) -> None:
@@ -177,13 +179,13 @@ class Stack:
 async def stack(redis_server: RedisServer, database: dict[str, str], tmp_path: Path) -> AsyncIterator[Stack]:
     env = {
         'DATABASE_URL': database['worker'],
-        'REDIS_URL': redis_server.url,
+        'REDIS_URL': redis_server.worker_url,
         'FLOWWORKER_FLOW_MODULES': 'flows_for_tests',
         'PROJECT_ROOT': str(TESTS),
         'FLOWWORKER_HEARTBEAT_INTERVAL': '1',
         'LOG_LEVEL': 'INFO',
     }
-    stack = Stack(env, database['owner'], tmp_path)
+    stack = Stack(env, redis_server.url, database['owner'], tmp_path)
     await stack.connect()
     await stack.redis.flushall()
     await stack.db.execute('TRUNCATE flow_task_attempts')
@@ -202,6 +204,6 @@ def monitor(
     redis_server: RedisServer, database: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[MonitorProcess]:
     """One ``flowworker monitor`` for the session, on the tests' Redis and database, with a cancel token."""
-    env = {'DATABASE_URL': database['worker'], 'REDIS_URL': redis_server.url, 'MONITOR_TOKEN': TOKEN}
+    env = {'DATABASE_URL': database['worker'], 'REDIS_URL': redis_server.monitor_url, 'MONITOR_TOKEN': TOKEN}
     with MonitorProcess(env, tmp_path_factory.mktemp('monitor')) as process:
         yield process

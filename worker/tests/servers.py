@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from flowworker.acl import RULES
+
 WORKER_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,13 +37,27 @@ def _port_open(port: int) -> bool:
 
 
 class RedisServer:
+    """A redis-server whose clients log in as flowworker's ACL users (``flowworker.acl``).
+
+    ``default`` is off: the tests' own handles log in as ``admin`` (``url``), the workers as
+    ``worker`` and the monitors as ``monitor``, so a command their rules leave out fails a test.
+    """
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.port = free_port()
-        self.url = f'redis://127.0.0.1:{self.port}/0'
+        self.url = self.url_of('admin')
+        self.worker_url = self.url_of('worker')
+        self.monitor_url = self.url_of('monitor')
         self.process: subprocess.Popen[bytes] | None = None
 
+    def url_of(self, user: str) -> str:
+        return f'redis://{user}:{user}-password@127.0.0.1:{self.port}/0'
+
     def start(self) -> None:
+        users = [['--user', 'default', 'reset', 'off']] + [
+            ['--user', user, 'reset', 'on', f'>{user}-password', *RULES[user]] for user in RULES
+        ]
         self.process = subprocess.Popen(
             [
                 'redis-server',
@@ -59,6 +75,7 @@ class RedisServer:
                 'Kz',
                 '--loglevel',
                 'warning',
+                *(arg for user in users for arg in user),
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -67,7 +84,7 @@ class RedisServer:
     def stop(self, save: bool = True) -> None:
         """Shut down (saving the dataset to disk, so a restart keeps the queue, as a packaged Redis does)."""
         subprocess.run(
-            ['redis-cli', '-p', str(self.port), 'shutdown', 'save' if save else 'nosave'],
+            ['redis-cli', '-u', self.url, '--no-auth-warning', 'shutdown', 'save' if save else 'nosave'],
             check=False,
             capture_output=True,
         )

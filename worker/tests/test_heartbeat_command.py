@@ -32,7 +32,7 @@ async def redis(redis_server: RedisServer) -> AsyncIterator[Redis]:
 
 @pytest.fixture
 def env(redis_server: RedisServer) -> dict[str, str]:
-    return {'REDIS_URL': redis_server.url}
+    return {'REDIS_URL': redis_server.worker_url}
 
 
 def heartbeat(*args: str, env: dict[str, str]) -> tuple[int, dict[str, Any], str]:

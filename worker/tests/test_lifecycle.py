@@ -206,6 +206,14 @@ async def test_json_logs_are_one_object_per_line(stack: Stack) -> None:
     assert {line['message'] for line in lines} >= {'task started', 'worker test-worker-1 stopped'}
 
 
+async def test_a_worker_that_may_not_run_config_finds_the_keyspace_events_by_a_probe(stack: Stack) -> None:
+    worker = await stack.start_worker()
+    await stack.wait_final([await stack.enqueue('demo.echo')])
+    assert worker.stop() == 0
+    assert 'wakeup=events' in worker.output()
+    assert await stack.redis.keys('flowworker:wakeup-probe:*') == []
+
+
 async def test_without_keyspace_events_the_worker_polls(stack: Stack) -> None:
     await stack.redis.config_set('notify-keyspace-events', '')
     try:
@@ -214,5 +222,6 @@ async def test_without_keyspace_events_the_worker_polls(stack: Stack) -> None:
     finally:
         await stack.redis.config_set('notify-keyspace-events', 'Kz')
     assert worker.stop() == 0
-    assert "(notify-keyspace-events=''): polling the queue" in worker.output()
+    assert 'no keyspace event for a sorted set within 1s: polling the queue' in worker.output()
     assert 'wakeup=polling' in worker.output()
+    assert await stack.redis.keys('flowworker:wakeup-probe:*') == []

@@ -46,7 +46,8 @@ async def test_healthz_is_503_naming_what_does_not_answer(
     private_redis: RedisServer, database: dict[str, str], tmp_path: Path
 ) -> None:
     closed = f'postgresql://u:p@127.0.0.1:{free_port()}/app'
-    with MonitorProcess({'DATABASE_URL': closed, 'REDIS_URL': private_redis.url}, tmp_path) as process:
+    env = {'DATABASE_URL': closed, 'REDIS_URL': private_redis.monitor_url}
+    with MonitorProcess(env, tmp_path) as process:
         async with process.client() as client:
             response = await client.get('/healthz')
             assert response.status_code == 503
@@ -272,12 +273,12 @@ READ_TOKEN = 'read-token-0123456789abcdef'
 
 
 async def test_with_a_read_token_every_read_needs_it_and_task_data_can_be_left_out(
-    stack: Stack, database: dict[str, str], tmp_path: Path
+    stack: Stack, redis_server: RedisServer, database: dict[str, str], tmp_path: Path
 ) -> None:
     mix = await known_mix(stack)
     env = {
         'DATABASE_URL': database['worker'],
-        'REDIS_URL': stack.env['REDIS_URL'],
+        'REDIS_URL': redis_server.monitor_url,
         'MONITOR_TOKEN': TOKEN,
         'MONITOR_READ_TOKEN': READ_TOKEN,
         'MONITOR_SHOW_TASK_DATA': 'false',
@@ -317,10 +318,10 @@ async def test_every_response_has_the_security_headers(monitor: MonitorProcess) 
 
 
 async def test_without_a_token_configured_cancel_is_refused_to_everyone(
-    stack: Stack, database: dict[str, str], tmp_path: Path
+    stack: Stack, redis_server: RedisServer, database: dict[str, str], tmp_path: Path
 ) -> None:
     job_id = await stack.enqueue('demo.echo')
-    env = {'DATABASE_URL': database['worker'], 'REDIS_URL': stack.env['REDIS_URL']}
+    env = {'DATABASE_URL': database['worker'], 'REDIS_URL': redis_server.monitor_url}
     process = MonitorProcess(env, tmp_path)
     async with process.client(TOKEN) as client:
         response = await client.post(f'{API}/tasks/{job_id}/cancel')
@@ -335,7 +336,11 @@ def test_a_monitor_whose_port_is_taken_exits_1(redis_server: RedisServer, databa
         taken.bind(('127.0.0.1', 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        env = {'DATABASE_URL': database['worker'], 'REDIS_URL': redis_server.url, 'MONITOR_PORT': port}
+        env = {
+            'DATABASE_URL': database['worker'],
+            'REDIS_URL': redis_server.monitor_url,
+            'MONITOR_PORT': port,
+        }
         result = flowworker('monitor', env=env)
     assert result.returncode == 1
     assert 'address already in use' in result.stderr

@@ -66,7 +66,7 @@ async def test_a_worker_refuses_a_database_without_the_schema(
 
 async def test_initialize_reads_the_env_file(stack: Stack, redis_server: RedisServer) -> None:
     env_file = stack.logs / 'worker.env'
-    env_file.write_text(f'DATABASE_URL={stack.env["DATABASE_URL"]}\nREDIS_URL={redis_server.url}\n')
+    env_file.write_text(f'DATABASE_URL={stack.env["DATABASE_URL"]}\nREDIS_URL={redis_server.worker_url}\n')
 
     infra = await initialize(env_file=env_file)
     try:

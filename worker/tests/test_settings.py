@@ -179,7 +179,7 @@ BAD = [
 async def test_a_bad_setting_is_one_line_and_exit_2_before_anything_starts(
     redis_server: RedisServer, environment: dict[str, str | None], args: list[str], message: str
 ) -> None:
-    base = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/app', 'REDIS_URL': redis_server.url}
+    base = {'DATABASE_URL': 'postgresql://u:p@127.0.0.1:1/app', 'REDIS_URL': redis_server.worker_url}
     env = {k: v for k, v in {**base, **environment}.items() if v is not None}
     redis = Redis.from_url(redis_server.url)
     await redis.flushall()

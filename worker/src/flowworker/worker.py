@@ -270,7 +270,9 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
     jobs = JobCounts()
     store = TaskStore(infra.engine)
     heartbeat = Heartbeat(infra.redis, settings, jobs, database_ok=lambda: store.healthy)
-    wakeup = QueueWakeup(infra.redis, settings.queue_key, settings.redis_settings().database)
+    wakeup = QueueWakeup(
+        infra.redis, settings.queue_key, settings.redis_settings().database, settings.worker_id
+    )
     worker = FlowWorker(
         infra=infra, registry=registry, store=store, heartbeat=heartbeat, wakeup=wakeup, jobs=jobs
     )

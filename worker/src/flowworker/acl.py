@@ -1,0 +1,47 @@
+"""The Redis ACL rules of flowworker's clients: what a worker and the monitor may do, and no more.
+
+flowworker issues the commands, so it says which it needs. The Redis server's users are made
+from these rules (the deployment roles load this file on the controller, so it imports nothing
+beyond the standard library); the tests run every worker and monitor operation as these users,
+so a command the rules leave out fails a test, not a fleet.
+
+- ``worker``: arq's keys (``arq:*``) and flowworker's own (``flowworker:*``: job timeouts, task
+  records waiting for the database, the wake-up's probe); the keyspace events of the queues and
+  of the probe (the wake-up subscribes to them); reads, writes, transactions. No command of
+  ``@dangerous`` or ``@admin`` (FLUSHALL, FLUSHDB, KEYS, CONFIG, SHUTDOWN, DEBUG, MODULE, ACL,
+  ...) and no script (EVAL): only INFO, which arq logs when a worker starts.
+- ``monitor``: arq's keys, reads and writes (a cancel, a purge), no channel, no dangerous command.
+- ``admin``: everything, for operators (``redis-cli --user admin --askpass KEYS 'arq:worker:*'``).
+"""
+
+from __future__ import annotations
+
+# the wake-up proves that Redis publishes keyspace events by writing a key of its own
+WAKEUP_PROBE_PREFIX = 'flowworker:wakeup-probe:'
+
+_NO_DANGER = ('-@dangerous', '-@admin')
+_DATA = ('-@all', '+@read', '+@write', '+@keyspace', '+@transaction', '+@connection')
+
+RULES: dict[str, tuple[str, ...]] = {
+    'worker': (
+        'resetkeys',
+        '~arq:*',
+        '~flowworker:*',
+        'resetchannels',
+        '&__keyspace@*__:arq:queue:*',
+        f'&__keyspace@*__:{WAKEUP_PROBE_PREFIX}*',
+        *_DATA,
+        '+@pubsub',
+        *_NO_DANGER,
+        '+info',
+    ),
+    'monitor': ('resetkeys', '~arq:*', 'resetchannels', *_DATA, *_NO_DANGER),
+    'admin': ('~*', '&*', '+@all'),
+}
+
+
+def acl_rules(role: str) -> str:
+    """The rules of ``role`` (worker, monitor or admin), as ``ACL SETUSER`` and an ACL file take them."""
+    if role not in RULES:
+        raise ValueError(f'role must be one of {", ".join(RULES)} (got {role!r})')
+    return ' '.join(RULES[role])

@@ -1,0 +1,80 @@
+"""flowworker's Redis ACL users: what the worker and the monitor may not do (the tests run as them)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
+
+from flowworker.acl import acl_rules
+
+from .servers import RedisServer
+
+REFUSED = [
+    ('FLUSHALL',),
+    ('FLUSHDB',),
+    ('CONFIG', 'GET', 'maxmemory'),
+    ('CONFIG', 'SET', 'maxmemory', '1'),
+    ('KEYS', 'arq:*'),
+    ('SET', 'outside', '1'),
+    ('EVAL', 'return 1', '0'),
+    ('ACL', 'SETUSER', 'intruder', 'on', '>x', '+@all'),
+    ('DEBUG', 'SLEEP', '0'),
+    ('SHUTDOWN', 'NOSAVE'),
+    ('MODULE', 'LIST'),
+]
+
+
+@pytest.fixture
+async def admin(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.parametrize('user', ['worker', 'monitor'])
+async def test_the_worker_and_monitor_users_are_refused_what_they_do_not_need(
+    admin: Redis, redis_server: RedisServer, user: str
+) -> None:
+    # ACL DRYRUN: what the user may run, asked without running it (SHUTDOWN among them)
+    for command in REFUSED:
+        answer = await admin.acl_dryrun(user, *command)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        assert b'no permissions' in answer, (user, command)
+    # and as the user itself, the refusals a leaked env file would meet first
+    client = Redis.from_url(redis_server.url_of(user))
+    try:
+        for command in REFUSED[:6]:
+            with pytest.raises(NoPermissionError):
+                await client.execute_command(*command)
+    finally:
+        await client.aclose()
+
+
+async def test_the_worker_user_reads_and_writes_arq_keys_only(redis_server: RedisServer) -> None:
+    worker = Redis.from_url(redis_server.worker_url)
+    try:
+        assert await worker.zadd('arq:queue:acl-test', {'job': 1}) == 1
+        assert await worker.delete('arq:queue:acl-test') == 1
+        with pytest.raises(NoPermissionError):
+            await worker.get('flows:secret')
+    finally:
+        await worker.aclose()
+
+
+async def test_the_monitor_user_may_not_subscribe(redis_server: RedisServer) -> None:
+    monitor = Redis.from_url(redis_server.monitor_url)
+    try:
+        with pytest.raises(NoPermissionError):
+            await monitor.publish('__keyspace@0__:arq:queue:default', 'zadd')
+    finally:
+        await monitor.aclose()
+
+
+def test_an_unknown_role_is_refused_naming_the_roles() -> None:
+    with pytest.raises(ValueError, match='worker, monitor, admin'):
+        acl_rules('producer')
+    assert acl_rules('admin') == '~* &* +@all'
