@@ -95,9 +95,16 @@ class Lab:
         """The lab CA that playbooks/lab.yml makes with lab_fleet_tls."""
         return self.inventory / '.lab' / 'tls' / 'ca.crt'
 
-    def redis_url(self) -> str:
+    def redis_password(self, user: str) -> str:
+        """The password of one of the lab's Redis users (its default user is off)."""
+        users = self.vars('group_vars', 'all', 'stack.yml')['redis_server_users']
+        assert isinstance(users, list)
+        return str(next(entry['password'] for entry in users if entry['name'] == user))
+
+    def redis_url(self, user: str = 'producer') -> str:
+        """As a plain arq producer logs in, with the lab's `producer` user (the worker's rules)."""
         scheme, port = ('rediss', REDIS_TLS_PORT) if self.tls else ('redis', REDIS_PORT)
-        return f'{scheme}://:{self.secret("redis_server_password")}@127.0.0.1:{port}/0'
+        return f'{scheme}://{user}:{self.redis_password(user)}@127.0.0.1:{port}/0'
 
     def redis_tls(self) -> dict[str, Any]:
         """With TLS: verify the server's certificate against the lab CA, and its name."""

@@ -15,7 +15,7 @@ from typing import Any
 import asyncpg
 import pytest
 import redis.asyncio
-from redis.exceptions import AuthenticationError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from .conftest import (
     REDIS_PORT,
@@ -40,8 +40,8 @@ BAD_INVENTORIES = [
     ),
     (
         'group_vars/all/stack.yml',
-        {'redis_server_password': ''},
-        'redis_server_password',
+        {'redis_server_users': [{'name': 'admin', 'password': 'x', 'acl': 'admin'}]},
+        "the Redis server has no user 'worker' in redis_server_users (it has admin)",
     ),
     (
         'host_vars/lab-worker-1.yml',
@@ -54,7 +54,7 @@ BAD_INVENTORIES = [
         'arq_worker_instances',
     ),
 ]
-IDS = ['eviction-policy', 'connection-budget', 'missing-password', 'process-manager', 'negative-count']
+IDS = ['eviction-policy', 'connection-budget', 'missing-redis-user', 'process-manager', 'negative-count']
 # what a deploy would put on a host: packages, directories, units (nothing on a lab made from nothing)
 FOOTPRINT = (
     "dpkg-query -W -f='${Package}\\n' redis-server postgresql supervisor 2>/dev/null;"
@@ -121,6 +121,32 @@ def test_the_worker_database_role_cannot_create_a_table(deployed: Lab) -> None:
         asyncio.run(create())
 
 
+OWNER_LOGIN = """
+import asyncio, sys
+import asyncpg
+async def main():
+    try:
+        await (await asyncpg.connect(sys.argv[1], ssl=False)).close()
+        print('connected')
+    except Exception as error:
+        print(type(error).__name__, error)
+asyncio.run(main())
+"""
+
+
+def test_postgresql_lets_the_schema_owner_in_from_the_migration_host_alone(deployed: Lab) -> None:
+    """pg_hba: the owner from lab-worker-1, which migrates and prunes (stack_db_owner_host), and
+    from no other worker host."""
+    dsn = f'postgresql://flow_owner:{deployed.secret("postgresql_owner_password")}@lab-db:5432/flows'
+    seen = {
+        host: podman_exec(host, '/opt/arq-worker/current/bin/python', '-c', OWNER_LOGIN, dsn).strip()
+        for host in WORKERS
+    }
+    assert seen['lab-worker-1'] == 'connected', seen
+    assert 'no pg_hba.conf entry' in seen['lab-worker-2'], seen
+    assert 'user "flow_owner"' in seen['lab-worker-2'], seen
+
+
 def test_redis_rejects_a_client_without_the_password(deployed: Lab) -> None:
     async def ping() -> None:
         client = redis.asyncio.Redis(host='127.0.0.1', port=REDIS_PORT)
@@ -131,6 +157,32 @@ def test_redis_rejects_a_client_without_the_password(deployed: Lab) -> None:
 
     with pytest.raises((AuthenticationError, ResponseError), match=r'NOAUTH|Authentication required'):
         asyncio.run(ping())
+
+
+def test_each_client_logs_in_as_its_redis_user_that_may_do_no_more_than_it_needs(deployed: Lab) -> None:
+    """The lab's Redis has users and its default user off (inventories/lab/group_vars/all/stack.yml):
+    the workers log in as `worker`, the monitor as `monitor`; as `worker`, what flowworker.acl
+    leaves out is refused, and the default user with any password is refused."""
+    for host, path, user in [
+        *((host, '/etc/arq-worker/worker.env', 'worker') for host in WORKERS),
+        ('lab-db', '/etc/arq-monitor/monitor.env', 'monitor'),
+    ]:
+        assert podman_exec(host, 'grep', '-c', f'^REDIS_URL=redis://{user}:', path).strip() == '1', host
+
+    async def try_as(user: str, password: str, *command: str) -> str:
+        client = redis.asyncio.Redis(host='127.0.0.1', port=REDIS_PORT, username=user, password=password)
+        try:
+            return str(await client.execute_command(*command))
+        except (NoPermissionError, AuthenticationError) as error:
+            return type(error).__name__
+        finally:
+            await client.aclose()
+
+    worker = deployed.redis_password('worker')
+    for command in (('FLUSHALL',), ('CONFIG', 'GET', 'maxmemory'), ('KEYS', '*'), ('SET', 'outside', 'x')):
+        assert asyncio.run(try_as('worker', worker, *command)) == 'NoPermissionError', command
+    assert asyncio.run(try_as('worker', worker, 'EXISTS', 'arq:queue:default')) in {'0', '1'}
+    assert asyncio.run(try_as('default', worker, 'PING')) == 'AuthenticationError'
 
 
 def test_a_broken_release_never_goes_live_and_a_second_deploy_changes_nothing(

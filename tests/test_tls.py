@@ -135,7 +135,8 @@ def test_redis_refuses_a_client_without_tls(switch: Switch, port: int) -> None:
         client = redis.asyncio.Redis(
             host='127.0.0.1',
             port=port,
-            password=switch.tls.secret('redis_server_password'),
+            username='producer',
+            password=switch.tls.redis_password('producer'),
             socket_timeout=10,
         )
         try:

@@ -65,7 +65,7 @@ def password_file(tmp_path: Path) -> Path:
             ('worker-1.prod.example.internal', 'ops-1.prod.example.internal'),
             (
                 r'postgresql://flow_ROLE:production-ROLE[\w-]+@pg-1.prod.example.internal:5432/flows\?sslmode=verify-full',
-                r'rediss://:production-redis-\w+@redis-1.prod.example.internal:6380/0',
+                r'rediss://ROLE:production-redis-ROLE-\w+@redis-1.prod.example.internal:6380/0',
                 # the CA the servers name (group_vars/redis_servers.yml, postgresql_servers.yml)
                 '/etc/ssl/flowworker/ca.crt',
             ),
@@ -75,7 +75,7 @@ def password_file(tmp_path: Path) -> Path:
             ('worker-2.staging.example.internal', 'data-1.staging.example.internal'),
             (
                 r'postgresql://flow_ROLE:staging-ROLE[\w-]+@data-1.staging.example.internal:5432/flows',
-                r'redis://:staging-redis-\w+@data-1.staging.example.internal:6379/0',
+                r'redis://ROLE:staging-redis-ROLE-\w+@data-1.staging.example.internal:6379/0',
                 '',
             ),
         ),
@@ -95,7 +95,8 @@ def test_the_dsns_the_cas_and_the_monitor_token_come_from_the_inventory_and_its_
         urls = ('database_url', 'redis_url', 'database_ca_file', 'redis_ca_file')
         seen = host_vars(inventory, host, password_file, *(f'{prefix}_{name}' for name in urls), *tokens)
         assert re.fullmatch(database_url.replace('ROLE', role), seen[f'{prefix}_database_url'])
-        assert re.fullmatch(redis_url, seen[f'{prefix}_redis_url'])
+        # and logs in to Redis as its own user
+        assert re.fullmatch(redis_url.replace('ROLE', role), seen[f'{prefix}_redis_url'])
         assert (seen[f'{prefix}_database_ca_file'], seen[f'{prefix}_redis_ca_file']) == (ca_file, ca_file)
     assert re.fullmatch(rf'{inventory}-monitor-[0-9a-f]{{24}}', seen['arq_monitor_token'])
     assert re.fullmatch(rf'{inventory}-monitor-read-[0-9a-f]{{24}}', seen['arq_monitor_read_token'])

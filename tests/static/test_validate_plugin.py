@@ -60,6 +60,8 @@ def args(**changes: Any) -> dict[str, Any]:
         'record_retention': '30d',
         'record_prune_schedule': 'daily',
         'record_prune_host': 'worker-1',
+        'db_upgrade_host': 'worker-1',
+        'inventory_hosts': ['worker-1', 'worker-2'],
         'inventory_hostname': 'worker-2',
     }
     return {**base, **changes}
@@ -151,6 +153,11 @@ def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
             },
             "so it needs systemd (it has 'openrc')",
         ),
+        (
+            {'db_upgrade': True, 'db_owner_url': 'postgresql://o:pw@db/flows', 'db_upgrade_host': 'worker-9'},
+            "arq_worker_db_upgrade_host is 'worker-9', which is no host of the inventory",
+        ),
+        ({'record_prune_host': 'wrker-1'}, "arq_worker_record_prune_host is 'wrker-1', which is no host"),
     ],
 )
 def test_a_broken_rule_names_the_variable(changes: dict[str, Any], message: str) -> None:

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+import re
 import shlex
 
 import pytest
 
-PASSWORD = 'redis-test-pass"word\\with\'quotes'
+PASSWORD = 'redis-test-pass"word\\with\'quotes'  # the admin's (molecule.yml)
+WORKER = ('worker', 'redis-test-worker')
+MONITOR = ('monitor', 'redis-test-monitor')
 CONF = '/etc/redis/redis.conf'
 CHECK = '/usr/local/sbin/redis-server-check-config'
 TLS = '/etc/molecule-tls'
 
 
-def cli(host, *args: str, password: str | None = PASSWORD):
+def cli(host, *args: str, password: str | None = PASSWORD, user: str | None = 'admin'):
     env = f'REDISCLI_AUTH={shlex.quote(password)} ' if password is not None else ''
-    return host.run(env + shlex.join(['redis-cli', '--no-auth-warning', *args]))
+    login = ['--user', user] if user and password is not None else []
+    return host.run(env + shlex.join(['redis-cli', '--no-auth-warning', *login, *args]))
+
+
+def as_user(host, login: tuple[str, str], *args: str):
+    user, password = login
+    return cli(host, *args, user=user, password=password)
 
 
 def config_get(host, name: str) -> str:
@@ -80,35 +89,61 @@ def test_keyspace_events_for_sorted_sets_are_on(host):
 def test_a_zadd_publishes_a_keyspace_event(host):
     # A bounded subscriber in the background; ZADDs are repeated until it has seen one.
     script = (
-        'out=$(mktemp); timeout 5 redis-cli --no-auth-warning PSUBSCRIBE "__keyspace@0__:arq:queue:molecule" > "$out" & '
-        'for i in $(seq 1 40); do redis-cli --no-auth-warning ZADD arq:queue:molecule "$i" "job$i" > /dev/null; '
+        'out=$(mktemp); timeout 5 redis-cli --user worker --no-auth-warning SUBSCRIBE "__keyspace@0__:arq:queue:molecule" > "$out" & '
+        'for i in $(seq 1 40); do redis-cli --user worker --no-auth-warning ZADD arq:queue:molecule "$i" "job$i" > /dev/null; '
         'grep -q zadd "$out" && break; sleep 0.1; done; '
-        'redis-cli --no-auth-warning DEL arq:queue:molecule > /dev/null; kill %1 2>/dev/null; wait; cat "$out"; rm -f "$out"'
+        'redis-cli --user worker --no-auth-warning DEL arq:queue:molecule > /dev/null; kill %1 2>/dev/null; wait; cat "$out"; rm -f "$out"'
     )
-    out = host.run(f'REDISCLI_AUTH={shlex.quote(PASSWORD)} bash -c {shlex.quote(script)}')
+    # as the worker user: the wake-up's subscription is within its rules
+    out = host.run(f'REDISCLI_AUTH={shlex.quote(WORKER[1])} bash -c {shlex.quote(script)}')
     assert 'zadd' in out.stdout.splitlines(), out.stdout
 
 
-def test_a_client_without_the_password_gets_noauth(host):
+def test_a_client_without_a_user_gets_noauth_and_the_default_user_is_off(host):
     out = cli(host, 'PING', password=None)
     assert 'NOAUTH' in out.stdout + out.stderr
-    wrong = cli(host, 'PING', password='wrong')
-    assert 'WRONGPASS' in wrong.stdout + wrong.stderr or 'invalid' in (wrong.stdout + wrong.stderr).lower()
+    for user in ('default', None, 'admin'):
+        wrong = cli(host, 'PING', password=PASSWORD if user != 'admin' else 'wrong', user=user)
+        assert 'WRONGPASS' in wrong.stdout + wrong.stderr, (user, wrong.stdout, wrong.stderr)
 
 
-def test_the_password_works(host):
-    assert cli(host, 'PING').stdout.strip() == 'PONG'
+@pytest.mark.parametrize('login', [('admin', PASSWORD), WORKER, MONITOR], ids=['admin', 'worker', 'monitor'])
+def test_each_user_logs_in(host, login):
+    assert as_user(host, login, 'PING').stdout.strip() == 'PONG'
+
+
+@pytest.mark.parametrize(
+    'command',
+    [('FLUSHALL',), ('CONFIG', 'GET', 'maxmemory'), ('KEYS', '*'), ('SET', 'outside', 'x'), ('SHUTDOWN',)],
+    ids=' '.join,
+)
+def test_the_worker_user_is_refused_what_flowworker_acl_leaves_out(host, command):
+    out = as_user(host, WORKER, *command)
+    assert 'NOPERM' in out.stdout + out.stderr, out.stdout
+    assert host.service('redis-server').is_running
+
+
+def test_the_worker_and_monitor_users_work_on_arq_keys(host):
+    assert as_user(host, WORKER, 'SET', 'arq:molecule', 'x').stdout.strip() == 'OK'
+    assert as_user(host, MONITOR, 'GET', 'arq:molecule').stdout.strip() == 'x'
+    assert 'NOPERM' in as_user(host, MONITOR, 'SUBSCRIBE', '__keyspace@0__:arq:queue:default').stdout
+    assert as_user(host, MONITOR, 'DEL', 'arq:molecule').stdout.strip() == '1'
 
 
 def test_config_files_are_private_and_the_password_stays_out_of_redis_conf(host):
     conf = host.file(CONF)
     assert conf.content_string.splitlines()[0].startswith('# Ansible managed')
     assert (conf.user, conf.group, conf.mode) == ('redis', 'redis', 0o640)
-    assert 'requirepass' not in conf.content_string.replace('# --- AUTH (requirepass', '')
+    assert 'requirepass' not in conf.content_string
+    assert 'user ' not in conf.content_string
     assert conf.contains('^include /etc/redis/redis-auth.conf$')
     auth = host.file('/etc/redis/redis-auth.conf')
     assert (auth.user, auth.group, auth.mode) == ('redis', 'redis', 0o640)
-    assert auth.contains('^requirepass ')
+    lines = auth.content_string.splitlines()
+    assert 'user default reset' in lines
+    assert any(re.fullmatch('user worker reset on #[0-9a-f]{64} resetkeys .*', line) for line in lines), lines
+    # hashed: no password in the file
+    assert not any(password in auth.content_string for password in (PASSWORD, WORKER[1], MONITOR[1]))
 
 
 def test_sysctl_file_is_rendered(host):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-REDIS_PASSWORD = 'redis-test-password'
+REDIS_PASSWORD = 'redis-test-password'  # the admin user's (shared/group_vars/all/main.yml)
 OWNER_DSN = 'postgresql://flow_owner:owner-test-password@127.0.0.1:5432/flows'
 VENV = '/opt/arq-worker/current'
 ENV_FILE = '/etc/arq-worker/worker.env'
@@ -19,7 +19,7 @@ SCENARIO = os.environ.get('MOLECULE_SCENARIO_NAME', 'default')
 
 
 def redis(host, *args: str) -> str:
-    cmd = ['redis-cli', '-a', REDIS_PASSWORD, '--no-auth-warning', *args]
+    cmd = ['redis-cli', '--user', 'admin', '-a', REDIS_PASSWORD, '--no-auth-warning', *args]
     return host.check_output(shlex.join(cmd))
 
 

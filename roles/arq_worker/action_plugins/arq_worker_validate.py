@@ -231,6 +231,7 @@ def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
         )
     check_pools(args, derived)
     check_retention(args)
+    check_owner_hosts(args)
     paths = (args['home'], args['config_dir'], args['log_dir'])
     if not (
         _int(args['nofile_limit']) >= 1024
@@ -289,6 +290,21 @@ def check_retention(args: dict[str, Any]) -> None:
             f'{" (it " + owner_url + ")" if owner_url else ""}; or set arq_worker_record_retention: 0 '
             'to keep every record.'
         )
+
+
+def check_owner_hosts(args: dict[str, Any]) -> None:
+    """The hosts that work as the schema owner are hosts of the inventory (or nothing migrates or prunes)."""
+    prunes_at_all = retention_seconds(args['record_retention']) > 0
+    needed = {
+        'arq_worker_db_upgrade_host': args['db_upgrade'] and args['db_upgrade_host'],
+        'arq_worker_record_prune_host': prunes_at_all and args['record_prune_host'],
+    }
+    for name, host in needed.items():
+        if host and host not in args['inventory_hosts']:
+            raise Invalid(
+                f'{name} is {host!r}, which is no host of the inventory: name the worker host that works as '
+                'the schema owner (PostgreSQL lets the owner in from there alone).'
+            )
 
 
 class ActionModule(ActionBase):

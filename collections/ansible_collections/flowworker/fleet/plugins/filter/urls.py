@@ -4,6 +4,9 @@
 ``''`` for a good URL, otherwise what is wrong, after the variable's name: never the URL (it may
 hold a password). ``{{ password | flowworker.fleet.url_quote }}`` percent-encodes every character
 a URL's user or password cannot hold as it is (``/`` too, which ``urlencode`` leaves).
+``{{ 'worker' | flowworker.fleet.redis_login(endpoint) }}`` is a Redis URL's ``user:password``
+for that user of the redis_server role's endpoint, or ``:password`` (Redis's default user) when
+the server has no users.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from ansible.errors import AnsibleFilterError
 from ansible_collections.flowworker.fleet.plugins.plugin_utils.flowworker import urls
 
 
@@ -31,10 +35,24 @@ def url_quote(value: Any) -> str:
     return quote(str(value), safe='')
 
 
+def redis_login(user: Any, endpoint: dict[str, Any]) -> str:
+    users: dict[str, str] = endpoint.get('users') or {}
+    if not users:
+        return f':{url_quote(endpoint.get("password") or "")}'
+    if user not in users:
+        has = ', '.join(sorted(users))
+        raise AnsibleFilterError(
+            f'the Redis server has no user {user!r} in redis_server_users (it has {has}): add it, '
+            'or name another in stack_redis_worker_user / stack_redis_monitor_user'
+        )
+    return f'{url_quote(user)}:{url_quote(users[user])}'
+
+
 class FilterModule:
     def filters(self) -> dict[str, Callable[..., str]]:
         return {
             'database_url_problem': database_url_problem,
             'redis_url_problem': redis_url_problem,
             'url_quote': url_quote,
+            'redis_login': redis_login,
         }

@@ -1,7 +1,8 @@
 """The project's parts beside this collection in the repository, for the controller's plugins.
 
-``urls``: flowworker's own URL check (``worker/src/flowworker/urls.py``, standard library only),
-loaded by path, so the roles' validation runs it before flowworker is installed anywhere.
+``urls``: flowworker's own URL check (``worker/src/flowworker/urls.py``); ``acl``: the Redis ACL
+rules of its clients (``worker/src/flowworker/acl.py``). Both are standard library only and loaded
+by path, so the roles run them on the controller before flowworker is installed anywhere.
 """
 
 from __future__ import annotations
@@ -26,3 +27,4 @@ def _load(name: str) -> ModuleType:
 
 
 urls = _load('urls')
+acl = _load('acl')
