@@ -137,12 +137,14 @@ async def test_the_api_shows_the_known_mix(stack: Stack, monitor: MonitorProcess
     assert (worker['running'], worker['completed'], worker['failed']) == (1, 3, 2)
     assert 0 <= worker['heartbeat_age'] < 30
 
+    assert 0 < queues['queues'][0].pop('oldest_ready_age') < 30
     assert queues['queues'] == [
         {
             'name': 'default',
             'key': 'arq:queue:default',
             'length': 3,  # the running job and the two queued
             'deferred': 0,
+            'ready': 2,
             'running': 1,
             'workers': 1,
             'picking': 1,
@@ -163,7 +165,7 @@ async def test_the_api_shows_the_known_mix(stack: Stack, monitor: MonitorProcess
     assert by_id[mix.succeeded[1]]['result'] == {'n': 1}
 
 
-async def test_metrics_are_prometheus_text_with_the_five_metrics(
+async def test_metrics_are_prometheus_text_with_the_guides_and_the_queue_latency(
     stack: Stack, monitor: MonitorProcess
 ) -> None:
     mix = await known_mix(stack)
@@ -180,6 +182,9 @@ async def test_metrics_are_prometheus_text_with_the_five_metrics(
     assert samples[('flowworker_workers', (('queue', 'default'), ('state', 'running')))] == 1
     assert samples[('flowworker_workers', (('queue', 'default'), ('state', 'draining')))] == 0
     assert samples[('flowworker_queue_length', (('queue', 'default'),))] == 3
+    for state, jobs in (('ready', 2), ('deferred', 0), ('in_progress', 1)):
+        assert samples[('flowworker_queue_jobs', (('queue', 'default'), ('state', state)))] == jobs
+    assert 0 < samples[('flowworker_queue_oldest_ready_age_seconds', (('queue', 'default'),))] < 30
     for window in ('1m', '5m', '15m'):
         assert samples[('flowworker_tasks_completed', (('flow', 'demo.echo'), ('window', window)))] == 3
         assert samples[('flowworker_tasks_failed', (('flow', 'demo.fail'), ('window', window)))] == 2
@@ -190,6 +195,8 @@ async def test_metrics_are_prometheus_text_with_the_five_metrics(
     assert names == {
         'flowworker_workers',
         'flowworker_queue_length',
+        'flowworker_queue_jobs',
+        'flowworker_queue_oldest_ready_age_seconds',
         'flowworker_tasks_completed',
         'flowworker_tasks_failed',
         'flowworker_worker_heartbeat_age_seconds',

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
+import time
 
 import pytest
 
 from .conftest import QUEUE, Stack, flowworker
 from .monitoring import known_mix
+
+
+def queue_row(stdout: str, name: str) -> list[str]:
+    """The fields of queue ``name``'s row in ``flowworker status`` but its oldest-ready age (seconds)."""
+    [row] = [line.split() for line in stdout.splitlines() if line.startswith(f'{name} ')]
+    assert re.fullmatch(r'[0-9.]+s', row[3]), row
+    return row[:3] + row[4:]
 
 
 async def test_status_shows_the_fleet_and_exits_0(stack: Stack) -> None:
@@ -40,7 +49,8 @@ async def test_status_shows_the_fleet_and_exits_0(stack: Stack) -> None:
         '3',
         '2',
     ]
-    assert ['default', '3', '0', '1', '1'] in [line.split() for line in lines]
+    # the running job and two ready, the older due for some seconds; none deferred, one running
+    assert queue_row(text.stdout, 'default') == ['default', '3', '2', '0', '1', '1']
     rates = [line.split() for line in lines if line.startswith(('1m', '5m', '15m'))]
     assert [rate[:4] for rate in rates] == [[w, '3', '2', '0'] for w in ('1m', '5m', '15m')]
     assert rates[0][4:] == ['0.05/s', '40.0%']
@@ -59,8 +69,28 @@ async def test_status_exits_3_when_a_queue_has_jobs_and_no_live_worker(stack: St
 
     assert result.returncode == 3
     assert result.stderr == 'flowworker: queue orphan: 1 jobs and no live worker picking them\n'
-    assert ['orphan', '1', '0', '0', '0'] in [line.split() for line in result.stdout.splitlines()]
+    assert queue_row(result.stdout, 'orphan') == ['orphan', '1', '1', '0', '0', '0']
     assert flowworker('status', '--json', env=stack.env).returncode == 3
+
+
+async def test_status_splits_a_queue_into_ready_deferred_and_running_with_the_oldest_ready_age(
+    stack: Stack,
+) -> None:
+    worker = await stack.start_worker('--max-jobs', '1')
+    running = await stack.enqueue('demo.sleep', {'seconds': 120})
+    await stack.wait_for(lambda: stack.attempts(running), 30, 'the sleep job to start')
+    # due 1.5 s ago (arq's score is the time a job is due), so its age is known
+    await stack.enqueue('demo.echo')
+    oldest = await stack.enqueue('demo.echo')
+    await stack.redis.zadd(QUEUE, {oldest: int((time.time() - 1.5) * 1000)}, xx=True)
+    await stack.enqueue('demo.echo', _defer_by=3600)
+
+    [queue] = json.loads(flowworker('status', '--json', env=stack.env).stdout)['queues']
+
+    # in progress: the rest (exact, from arq's in-progress keys; `running` is the heartbeats' lagging count)
+    assert (queue['length'], queue['ready'], queue['deferred']) == (4, 2, 1)
+    assert 1.5 <= queue['oldest_ready_age'] < 30
+    assert worker.alive()
 
 
 async def test_status_of_a_draining_fleet_is_stranded_too(stack: Stack) -> None:
@@ -76,7 +106,7 @@ async def test_status_of_a_draining_fleet_is_stranded_too(stack: Stack) -> None:
     await stack.enqueue('demo.echo')
     result = flowworker('status', env=stack.env)
     assert result.returncode == 3
-    assert ['default', '1', '0', '0', '0', 'of', '1'] in [line.split() for line in result.stdout.splitlines()]
+    assert queue_row(result.stdout, 'default') == ['default', '1', '1', '0', '0', '0', 'of', '1']
 
 
 def test_status_without_redis_is_one_line_and_exit_1() -> None:

@@ -5,6 +5,7 @@ Screenshots (a phone and a desktop window) are saved in ``worker/build/test-outp
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -107,9 +108,10 @@ async def test_the_workers_page_renders_the_fleet_in_chromium(
     assert all(row[7].endswith('s ago') for row in rows)
     assert page.tables['queues'] == [
         list(QUEUE_COLUMNS),
-        ['default', '3', '0', '1', '1'],
-        ['reports', '0', '0', '0', '1'],
+        ['default', '3', '2', page.tables['queues'][1][3], '0', '1', '1'],
+        ['reports', '0', '0', '-', '0', '0', '1'],
     ]
+    assert re.fullmatch(r'[0-9.]+s', page.tables['queues'][1][3])
     assert [row[:4] for row in page.tables['rates'][1:]] == [[w, '3', '2', '0'] for w in ('1m', '5m', '15m')]
 
     OUTPUT.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,9 @@ serves it as JSON, HTML and Prometheus metrics. It only reads:
 - workers: the heartbeat keys ``arq:worker:<worker-id>`` (a key exists exactly while its process
   lives), read with SCAN + MGET, never KEYS;
 - queues: arq's sorted sets ``arq:queue:<name>`` (``ZCARD``; the guide's ``LLEN`` fails with
-  WRONGTYPE), those that exist and those a live worker serves;
+  WRONGTYPE), those that exist and those a live worker serves, split by score (the time a job is
+  due) and arq's in-progress keys into ready, deferred and in progress, with the age of the
+  oldest ready job (what people alert and scale on);
 - rates: the task records (``flow_task_attempts``) finished in the last 1, 5 and 15 minutes.
 """
 
@@ -19,6 +21,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
+from arq.constants import in_progress_key_prefix
 from pydantic import BaseModel, Field, ValidationError, computed_field
 from redis.asyncio import Redis
 from sqlalchemy import text
@@ -62,6 +65,10 @@ class Queue(BaseModel):
     key: str = Field(description='the Redis sorted set, arq:queue:<name>')
     length: int = Field(description='ZCARD: jobs queued, deferred or running')
     deferred: int = Field(description='jobs not due yet (retries waiting, _defer_by)')
+    ready: int = Field(description='jobs due and not in progress: what a free worker picks next')
+    oldest_ready_age: float | None = Field(
+        description='seconds the oldest ready job has been due (null: none ready)'
+    )
     running: int = Field(description="jobs running, from the workers' heartbeats")
     workers: int = Field(description='live workers on the queue')
     picking: int = Field(description='live workers on the queue that pick jobs (state running)')
@@ -181,29 +188,58 @@ async def workers(redis: Redis) -> list[Worker]:
 
 async def queues(redis: Redis, live: list[Worker]) -> list[Queue]:
     """Every queue that has jobs or a live worker."""
-    names = {key.removeprefix(QUEUE_KEY_PREFIX) for key in await _scan(redis, QUEUE_KEY_PREFIX + '*', 'zset')}
-    names.update(worker.queue for worker in live)
+    names = sorted(
+        {key.removeprefix(QUEUE_KEY_PREFIX) for key in await _scan(redis, QUEUE_KEY_PREFIX + '*', 'zset')}
+        | {worker.queue for worker in live}
+    )
+    # the jobs some worker runs now, whatever their queue (as many as the fleet's running jobs)
+    running_ids = [
+        key.removeprefix(in_progress_key_prefix) for key in await _scan(redis, in_progress_key_prefix + '*')
+    ]
     now_ms = int(time.time() * 1000)
     async with redis.pipeline(transaction=False) as pipe:
-        for name in sorted(names):
-            pipe.zcard(QUEUE_KEY_PREFIX + name)
-            pipe.zcount(QUEUE_KEY_PREFIX + name, f'({now_ms}', '+inf')
+        for name in names:
+            key = QUEUE_KEY_PREFIX + name
+            pipe.zcard(key)
+            pipe.zcount(key, f'({now_ms}', '+inf')
+            pipe.zcount(key, '-inf', now_ms)
+            if running_ids:
+                pipe.zmscore(key, running_ids)
         counts = await pipe.execute()
+    per_queue = 4 if running_ids else 3
     result = []
-    for i, name in enumerate(sorted(names)):
+    for i, name in enumerate(names):
+        length, deferred, due, *scores = counts[per_queue * i : per_queue * (i + 1)]
+        due_running = {
+            job
+            for job, score in zip(running_ids, scores[0] if scores else [], strict=False)
+            if score is not None and score <= now_ms
+        }
         on_queue = [worker for worker in live if worker.queue == name]
         result.append(
             Queue(
                 name=name,
                 key=QUEUE_KEY_PREFIX + name,
-                length=counts[2 * i],
-                deferred=counts[2 * i + 1],
+                length=length,
+                deferred=deferred,
+                ready=max(due - len(due_running), 0),
+                oldest_ready_age=await _oldest_ready_age(redis, QUEUE_KEY_PREFIX + name, due_running, now_ms),
                 running=sum(worker.running for worker in on_queue),
                 workers=len(on_queue),
                 picking=sum(worker.state == 'running' for worker in on_queue),
             )
         )
     return result
+
+
+async def _oldest_ready_age(redis: Redis, key: str, running: set[str], now_ms: int) -> float | None:
+    """Seconds since the first due job that no worker runs became due: the due jobs in score
+    order, past the running ones (at most as many as run), so one short read."""
+    first = await redis.zrangebyscore(key, '-inf', now_ms, start=0, num=len(running) + 1, withscores=True)
+    for member, score in first:
+        if member.decode() not in running:
+            return max(now_ms - float(score), 0.0) / 1000
+    return None
 
 
 async def rates(engine: AsyncEngine) -> tuple[list[Rate], list[FlowRate]]:

@@ -174,7 +174,8 @@ def _gauge(name: str, documentation: str, samples: dict[tuple[str, ...], float],
 
 
 class FleetMetrics:
-    """The guide's five metrics, as a prometheus-client collector over one :class:`fleet.Fleet`."""
+    """The guide's five metrics and the queue's ready jobs and their age, as a prometheus-client
+    collector over one :class:`fleet.Fleet`."""
 
     def __init__(self, found: fleet.Fleet) -> None:
         self.fleet = found
@@ -196,6 +197,23 @@ class FleetMetrics:
                 'flowworker_queue_length',
                 'jobs queued, deferred or running (ZCARD arq:queue:<name>)',
                 {(q.name,): q.length for q in queues},
+                'queue',
+            ),
+            _gauge(
+                'flowworker_queue_jobs',
+                "the queue's jobs by state: ready (due, not running), deferred (not due), in_progress",
+                {
+                    **{(q.name, 'ready'): q.ready for q in queues},
+                    **{(q.name, 'deferred'): q.deferred for q in queues},
+                    **{(q.name, 'in_progress'): q.length - q.ready - q.deferred for q in queues},
+                },
+                'queue',
+                'state',
+            ),
+            _gauge(
+                'flowworker_queue_oldest_ready_age_seconds',
+                'seconds the oldest ready job has been due (0: none ready); alert and scale on it',
+                {(q.name,): q.oldest_ready_age or 0.0 for q in queues},
                 'queue',
             ),
             _gauge(

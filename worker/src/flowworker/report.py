@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from .fleet import Fleet, Queue, Rate, Task, Worker
 
 WORKER_COLUMNS = ('worker', 'host', 'queue', 'state', 'running', 'completed', 'failed', 'heartbeat')
-QUEUE_COLUMNS = ('queue', 'length', 'deferred', 'running', 'workers')
+QUEUE_COLUMNS = ('queue', 'length', 'ready', 'oldest ready', 'deferred', 'running', 'workers')
 RATE_COLUMNS = ('window', 'succeeded', 'failed', 'cancelled', 'completion rate', 'failure rate')
 TASK_COLUMNS = ('job id', 'flow', 'status', 'attempt', 'worker', 'started', 'runtime', 'error')
 ERROR_WIDTH = 60
@@ -41,7 +41,16 @@ def worker_row(worker: Worker) -> tuple[str, ...]:
 
 def queue_row(queue: Queue) -> tuple[str, ...]:
     workers = f'{queue.workers}' if queue.picking == queue.workers else f'{queue.picking} of {queue.workers}'
-    return (queue.name, str(queue.length), str(queue.deferred), str(queue.running), workers)
+    oldest = '-' if queue.oldest_ready_age is None else age(queue.oldest_ready_age)
+    return (
+        queue.name,
+        str(queue.length),
+        str(queue.ready),
+        oldest,
+        str(queue.deferred),
+        str(queue.running),
+        workers,
+    )
 
 
 def rate_row(rate: Rate) -> tuple[str, ...]:
