@@ -15,8 +15,9 @@ BENCH_WORKERS ?= 1 8
 # redis-server, postgresql: real servers for the worker tests; chromium: the test that renders the
 # monitor's /workers page; podman with runc, netavark, aardvark-dns (containers find each other by
 # name) and iptables (published ports), and debootstrap: the systemd test image and the lab fleet;
-# openssh-client: Ansible reaches the lab
-APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-dns iptables debootstrap openssh-client
+# openssh-client: Ansible reaches the lab; prometheus: its promtool checks and unit-tests the alert
+# rules in monitoring/ (no server is started)
+APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-dns iptables debootstrap openssh-client prometheus
 
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
@@ -77,13 +78,15 @@ demo: deploy ## lab + deploy + run demo flows and show which host ran them
 lab-down: bootstrap ## remove the lab fleet and everything it made
 	ansible-playbook $(LAB) playbooks/lab.yml -e lab_fleet_state=absent
 
-lint: bootstrap ## static checks: ruff, mypy --strict, tests/static (planner, role docs, inventories), yamllint, ansible-lint, syntax
+lint: bootstrap ## static checks: ruff, mypy --strict, tests/static (planner, role docs, inventories), yamllint, ansible-lint, syntax, the alert rules (promtool)
 	cd worker && ruff check . && ruff format --check . && mypy src tests bench
 	ruff check tests roles collections molecule bench && ruff format --check tests roles collections molecule bench
 	pytest -q tests/static
 	yamllint .
 	ansible-lint
 	ansible-playbook $(LAB) --syntax-check deploy.yml playbooks/*.yml
+	promtool check rules monitoring/alerts.yml
+	promtool test rules monitoring/alerts.test.yml
 
 test-worker: bootstrap ## worker tests against a real redis-server and PostgreSQL
 	cd worker && pytest -q
