@@ -88,7 +88,7 @@ def test_a_bad_setting_is_one_line_and_exit_2(
 
 def test_without_the_monitor_extra_the_worker_runs_and_monitor_says_what_to_install() -> None:
     """The web stack is an optional extra: the core commands import without it."""
-    no_web = "import sys; sys.modules.update(dict.fromkeys(['fastapi', 'uvicorn', 'prometheus_client'])); "
+    no_web = "import sys; sys.modules.update(dict.fromkeys(['fastapi', 'uvicorn', 'jinja2'])); "
     env = {'PATH': '/usr/bin:/bin', 'DATABASE_URL': 'postgresql://u:p@h/d', 'REDIS_URL': 'redis://h'}
 
     def flowworker(*args: str) -> subprocess.CompletedProcess[str]:
@@ -102,7 +102,7 @@ def test_without_the_monitor_extra_the_worker_runs_and_monitor_says_what_to_inst
     assert result.returncode == 2
     assert re.fullmatch(
         r'flowworker: error: flowworker monitor needs the monitor extra '
-        r'\((fastapi|uvicorn|prometheus_client) is not installed\): pip install "flowworker\[monitor\]"\n',
+        r'\((fastapi|uvicorn|jinja2) is not installed\): pip install "flowworker\[monitor\]"\n',
         result.stderr,
     )
 

@@ -42,6 +42,8 @@ WORKER_OPTIONS = (
     'heartbeat_interval',
     'poll_delay',
     'max_tries',
+    'metrics_port',
+    'metrics_address',
 )
 # settings the monitoring service takes as options
 MONITOR_OPTIONS = {'monitor_host': '--host', 'monitor_port': '--port'}

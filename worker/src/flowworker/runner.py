@@ -31,6 +31,7 @@ from arq.jobs import JobResult
 
 from .heartbeat import JobCounts
 from .infrastructure import REDIS_ERRORS
+from .metrics import WorkerMetrics
 from .registry import BadParams, Registry, UnknownFlow
 from .settings import Settings
 from .store import Outcome, Row, TaskStore
@@ -79,20 +80,22 @@ def current_job() -> JobInfo:
 class Attempt:
     """One attempt of a job: its task record, counts and log lines."""
 
-    def __init__(self, row: Row, store: TaskStore, jobs: JobCounts) -> None:
+    def __init__(self, row: Row, store: TaskStore, jobs: JobCounts, metrics: WorkerMetrics) -> None:
         self.row = row
         self.job_id: str = row['job_id']
         self.number: int = row['attempt']
         self._store = store
         self._jobs = jobs
+        self._metrics = metrics
         self._started = time.monotonic()
         self._running = False
         self._log = {'job_id': self.job_id, 'flow': row['flow'], 'attempt': self.number}
 
-    def start(self) -> None:
+    def start(self, due_ms: float) -> None:
         self._store.record(self.row)
         self._jobs.running += 1
         self._running = True
+        self._metrics.started(time.time() - due_ms / 1000)
         logger.info('task started', extra=self._log)
 
     def succeed(self, result: Any) -> None:
@@ -124,9 +127,11 @@ class Attempt:
         level: int = logging.INFO,
         exc_info: bool = False,
     ) -> None:
+        ran = time.monotonic() - self._started if self._running else None
         if self._running:
             self._jobs.running -= 1
             self._running = False
+        self._metrics.ended(self.row['flow'], status, ran)
         self.row = {
             **self.row,
             'status': status,
@@ -149,6 +154,7 @@ class Runner:
     redis: ArqRedis
     jobs: JobCounts
     aborting: Set[str]
+    metrics: WorkerMetrics
 
     def _attempt(self, job_id: str, number: int, flow_name: str, enqueued_at: datetime) -> Attempt:
         row = {
@@ -164,7 +170,7 @@ class Runner:
             'error': None,
             'result': None,
         }
-        return Attempt(row, self.store, self.jobs)
+        return Attempt(row, self.store, self.jobs, self.metrics)
 
     def aborted_before_start(self, job_id: str, number: int, flow_name: str, enqueued_at: datetime) -> None:
         """arq aborted the job before ``run_flow`` began: the attempt is recorded ``cancelled`` too."""
@@ -182,7 +188,7 @@ class Runner:
         except UnknownFlow as e:
             attempt.fail(str(e))
 
-        attempt.start()
+        attempt.start(ctx['score'])
         settings = self.settings
         _current_job.set(JobInfo(attempt.job_id, number, flow_name, settings.queue_name, settings.worker_id))
         timeout = flow.timeout or self.settings.job_timeout

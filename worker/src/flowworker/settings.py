@@ -123,6 +123,16 @@ class Settings(BaseSettings):
         default=0.05,
         gt=0,
     )
+    metrics_port: int = _env(
+        'FLOWWORKER_METRICS_PORT',
+        "serve this process's Prometheus metrics on /metrics at this port (0: not served)",
+        default=0,
+        ge=0,
+        le=65535,
+    )
+    metrics_address: str = _env(
+        'FLOWWORKER_METRICS_ADDRESS', 'address the metrics port listens on', default='127.0.0.1', min_length=1
+    )
     max_tries: int = _env(
         'FLOWWORKER_MAX_TRIES', 'attempts a job may take when its flow asks for retries', default=5, ge=1
     )

@@ -161,6 +161,11 @@ class TaskStore:
         self._idle.set()
         self.healthy = True
 
+    @property
+    def waiting(self) -> int:
+        """Task records not written yet."""
+        return len(self._pending)
+
     def record(self, row: Row) -> None:
         """Queue ``row`` (a full attempt: every column of ``flow_task_attempts``) for the next write."""
         self._pending[(row['job_id'], row['attempt'])] = row

@@ -29,6 +29,7 @@ from arq.worker import func
 
 from .heartbeat import TTL_INTERVALS, Heartbeat, JobCounts, heartbeat_key
 from .infrastructure import REDIS_ERRORS, Infrastructure, backoff, describe_error
+from .metrics import WorkerMetrics
 from .registry import Registry
 from .runner import Runner, outcome, run_flow
 from .schema import check as check_schema
@@ -53,6 +54,7 @@ class FlowWorker(Worker):
         heartbeat: Heartbeat,
         wakeup: QueueWakeup,
         jobs: JobCounts,
+        metrics: WorkerMetrics,
     ) -> None:
         settings = infra.settings
         longest = max([settings.job_timeout, *(f.timeout or 0 for f in registry.flows())])
@@ -79,7 +81,10 @@ class FlowWorker(Worker):
         self.heartbeat = heartbeat
         self.wakeup = wakeup
         self.draining = False
-        self.ctx['runner'] = Runner(settings, registry, store, infra.redis, jobs, self.aborting_tasks)
+        self.metrics = metrics
+        self.ctx['runner'] = Runner(
+            settings, registry, store, infra.redis, jobs, self.aborting_tasks, metrics
+        )
         self._started_jobs = 0
         self._redis_delays: Iterator[float] | None = None
         self._add_signal_handler(signal.SIGUSR1, self.handle_quiet)
@@ -89,6 +94,7 @@ class FlowWorker(Worker):
     def _drain(self, reason: str) -> None:
         if not self.draining:
             logger.info('%s: picking no more jobs', reason, extra={'running': len(self.tasks)})
+            self.metrics.drains.inc()
         self.draining = True
         self.allow_pick_jobs = False
         self.heartbeat.drain()
@@ -273,8 +279,29 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
     wakeup = QueueWakeup(
         infra.redis, settings.queue_key, settings.redis_settings().database, settings.worker_id
     )
+    metrics = WorkerMetrics(
+        settings.queue_name, settings.max_jobs, lambda: jobs.running, lambda: store.waiting
+    )
+    exporter = None
+    if settings.metrics_port:
+        try:
+            exporter = metrics.serve(settings.metrics_address, settings.metrics_port)
+        except OSError as e:
+            logger.error(
+                'cannot serve the metrics on %s:%d (FLOWWORKER_METRICS_PORT): %s',
+                settings.metrics_address,
+                settings.metrics_port,
+                e.strerror or e,
+            )
+            return 2
     worker = FlowWorker(
-        infra=infra, registry=registry, store=store, heartbeat=heartbeat, wakeup=wakeup, jobs=jobs
+        infra=infra,
+        registry=registry,
+        store=store,
+        heartbeat=heartbeat,
+        wakeup=wakeup,
+        jobs=jobs,
+        metrics=metrics,
     )
 
     try:
@@ -318,5 +345,7 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
         # the flusher has put back what it was writing: what PostgreSQL did not take waits in Redis
         await store.spill(infra.redis, settings.worker_id)
         await heartbeat.clear()
+        if exporter is not None:
+            exporter.shutdown()
     logger.info('worker %s stopped', settings.worker_id, extra={**vars(jobs), 'records_written': flushed})
     return 0

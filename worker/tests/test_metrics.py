@@ -1,0 +1,98 @@
+"""A worker process's own Prometheus metrics (FLOWWORKER_METRICS_PORT): exact values after known jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import time
+import urllib.request
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import QUEUE, Stack
+from .servers import free_port
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(port: int) -> Samples:
+    def get() -> str:
+        with urllib.request.urlopen(f'http://127.0.0.1:{port}/metrics', timeout=10) as response:
+            return str(response.read().decode())
+
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(await asyncio.to_thread(get))
+        for sample in family.samples
+    }
+
+
+async def test_a_worker_counts_its_tasks_their_durations_and_how_long_they_waited(stack: Stack) -> None:
+    # due 5 s before the worker starts: its pickup latency is at least that
+    late = await stack.enqueue('demo.echo', {'n': -1})
+    await stack.redis.zadd(QUEUE, {late: int((time.time() - 5) * 1000)}, xx=True)
+    port = free_port()
+    worker = await stack.start_worker('--max-jobs', '1', '--metrics-port', str(port))
+    succeeded = [await stack.enqueue('demo.echo', {'n': n}) for n in range(3)]
+    failed = [await stack.enqueue('demo.fail') for _ in range(2)]
+    await stack.wait_final([late, *succeeded, *failed])
+    running = await stack.enqueue('demo.sleep', {'seconds': 120})
+    await stack.wait_for(lambda: stack.attempts(running), 30, 'the sleep job to start')
+
+    samples = await scrape(port)
+
+    def tasks(flow: str, status: str) -> float:
+        return samples[('flowworker_tasks_total', (('flow', flow), ('queue', 'default'), ('status', status)))]
+
+    def duration(flow: str, part: str) -> float:
+        return samples[(f'flowworker_task_duration_seconds_{part}', (('flow', flow), ('queue', 'default')))]
+
+    def pickup(part: str, le: str | None = None) -> float:
+        labels = (('le', le), ('queue', 'default')) if le else (('queue', 'default'),)
+        return samples[(f'flowworker_pickup_latency_seconds_{part}', labels)]
+
+    assert (tasks('demo.echo', 'succeeded'), tasks('demo.fail', 'failed')) == (4, 2)
+    assert (duration('demo.echo', 'count'), duration('demo.fail', 'count')) == (4, 2)
+    assert 0 < duration('demo.echo', 'sum') < 30
+    # six started and ended, the sleep job started: seven waits, one of them of 5 s or more
+    assert pickup('count') == 7
+    assert pickup('bucket', '+Inf') == 7
+    assert pickup('bucket', '2.5') == 6
+    assert 5 <= pickup('sum') < 60
+    assert samples[('flowworker_jobs_in_progress', ())] == 1
+    assert samples[('flowworker_max_jobs', ())] == 1
+    assert samples[('flowworker_records_waiting', ())] >= 0
+    assert samples[('flowworker_drains_total', ())] == 0
+
+    worker.signal(signal.SIGUSR1)
+
+    async def drained() -> bool:
+        return (await scrape(port))[('flowworker_drains_total', ())] == 1
+
+    await stack.wait_for(drained, 10, 'the drain to be counted', alive=worker)
+    histograms = {
+        f'{name}_{part}'
+        for name in ('flowworker_task_duration_seconds', 'flowworker_pickup_latency_seconds')
+        for part in ('bucket', 'count', 'sum')
+    }
+    assert {name for name, _ in samples if not name.endswith('_created')} == histograms | {
+        'flowworker_tasks_total',
+        'flowworker_jobs_in_progress',
+        'flowworker_max_jobs',
+        'flowworker_records_waiting',
+        'flowworker_drains_total',
+    }
+
+
+async def test_a_metrics_port_in_use_stops_the_worker_with_the_setting_named(stack: Stack) -> None:
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = await stack.start_worker('--metrics-port', str(port), wait=False)
+        assert worker.wait() == 2
+    assert (
+        f'cannot serve the metrics on 127.0.0.1:{port} (FLOWWORKER_METRICS_PORT): Address already in use'
+        in (worker.output())
+    )
