@@ -36,7 +36,9 @@ async def test_a_worker_counts_its_tasks_their_durations_and_how_long_they_waite
     worker = await stack.start_worker('--max-jobs', '1', '--metrics-port', str(port))
     succeeded = [await stack.enqueue('demo.echo', {'n': n}) for n in range(3)]
     failed = [await stack.enqueue('demo.fail') for _ in range(2)]
-    await stack.wait_final([late, *succeeded, *failed])
+    # a producer's typo: failed before it starts, counted under a fixed label
+    unknown = await stack.enqueue('no.such.flow')
+    await stack.wait_final([late, *succeeded, *failed, unknown])
     running = await stack.enqueue('demo.sleep', {'seconds': 120})
     await stack.wait_for(lambda: stack.attempts(running), 30, 'the sleep job to start')
 
@@ -52,7 +54,12 @@ async def test_a_worker_counts_its_tasks_their_durations_and_how_long_they_waite
         labels = (('le', le), ('queue', 'default')) if le else (('queue', 'default'),)
         return samples[(f'flowworker_pickup_latency_seconds_{part}', labels)]
 
-    assert (tasks('demo.echo', 'succeeded'), tasks('demo.fail', 'failed')) == (4, 2)
+    assert (tasks('demo.echo', 'succeeded'), tasks('demo.fail', 'failed'), tasks('<unknown>', 'failed')) == (
+        4,
+        2,
+        1,
+    )
+    assert not any(dict(labels).get('flow') == 'no.such.flow' for _, labels in samples)
     assert (duration('demo.echo', 'count'), duration('demo.fail', 'count')) == (4, 2)
     assert 0 < duration('demo.echo', 'sum') < 30
     # six started and ended, the sleep job started: seven waits, one of them of 5 s or more

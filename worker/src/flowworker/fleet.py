@@ -197,7 +197,8 @@ async def queues(redis: Redis, live: list[Worker]) -> list[Queue]:
         key.removeprefix(in_progress_key_prefix) for key in await _scan(redis, in_progress_key_prefix + '*')
     ]
     now_ms = int(time.time() * 1000)
-    async with redis.pipeline(transaction=False) as pipe:
+    # one snapshot of every queue
+    async with redis.pipeline(transaction=True) as pipe:
         for name in names:
             key = QUEUE_KEY_PREFIX + name
             pipe.zcard(key)

@@ -2,7 +2,8 @@
 
 Counters and histograms, so rates and quantiles are PromQL's (``rate(flowworker_tasks_total[5m])``,
 ``histogram_quantile(0.99, ...)``) and survive nothing but the process, as Prometheus expects of a
-target. Labels stay bounded: the queue, the flows the worker registered, the fixed statuses.
+target. Labels stay bounded: the queue, the flows the worker registered (any other name counts
+as ``<unknown>``), the fixed statuses.
 
 - ``flowworker_tasks_total{queue,flow,status}``: attempts that ended (succeeded, failed, retrying,
   cancelled, interrupted);
@@ -15,11 +16,13 @@ target. Labels stay bounded: the queue, the flows the worker registered, the fix
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+# the flow label of a job whose flow this worker does not know: a producer's typo adds no series
+UNKNOWN_FLOW = '<unknown>'
 # seconds: flows take from milliseconds to the job timeout's hour
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 # seconds: an idle worker wakes within milliseconds; a busy queue makes jobs wait minutes
@@ -28,10 +31,16 @@ PICKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 
 class WorkerMetrics:
     def __init__(
-        self, queue: str, max_jobs: int, running: Callable[[], int], waiting: Callable[[], int]
+        self,
+        queue: str,
+        flows: Collection[str],
+        max_jobs: int,
+        running: Callable[[], int],
+        waiting: Callable[[], int],
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.queue = queue
+        self.flows = frozenset(flows)
         self._tasks = Counter(
             'flowworker_tasks',
             'task attempts that ended, by status',
@@ -71,6 +80,8 @@ class WorkerMetrics:
         self._pickup.labels(self.queue).observe(max(waited, 0.0))
 
     def ended(self, flow: str, status: str, ran: float | None) -> None:
+        if flow not in self.flows:
+            flow = UNKNOWN_FLOW
         self._tasks.labels(self.queue, flow, status).inc()
         if ran is not None:
             self._duration.labels(self.queue, flow).observe(ran)
@@ -79,3 +90,9 @@ class WorkerMetrics:
         """Serve /metrics in a thread of its own; raises OSError when the port is taken."""
         server, _ = start_http_server(port, addr=address, registry=self.registry)
         return server
+
+    @staticmethod
+    def stop(server: WSGIServer) -> None:
+        """End the serving thread and close its socket (blocks up to its poll interval)."""
+        server.shutdown()
+        server.server_close()

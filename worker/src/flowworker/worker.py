@@ -280,7 +280,7 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
         infra.redis, settings.queue_key, settings.redis_settings().database, settings.worker_id
     )
     metrics = WorkerMetrics(
-        settings.queue_name, settings.max_jobs, lambda: jobs.running, lambda: store.waiting
+        settings.queue_name, registry.names(), settings.max_jobs, lambda: jobs.running, lambda: store.waiting
     )
     exporter = None
     if settings.metrics_port:
@@ -346,6 +346,6 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
         await store.spill(infra.redis, settings.worker_id)
         await heartbeat.clear()
         if exporter is not None:
-            exporter.shutdown()
+            await asyncio.to_thread(metrics.stop, exporter)
     logger.info('worker %s stopped', settings.worker_id, extra={**vars(jobs), 'records_written': flushed})
     return 0
