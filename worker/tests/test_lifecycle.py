@@ -214,6 +214,18 @@ async def test_a_worker_that_may_not_run_config_finds_the_keyspace_events_by_a_p
     assert await stack.redis.keys('flowworker:wakeup-probe:*') == []
 
 
+async def test_a_stop_while_the_worker_starts_is_not_lost(stack: Stack) -> None:
+    """Without keyspace events the wake-up's probe waits its whole second after the first
+    heartbeat, before arq's loop runs: a SIGTERM in that second still stops the worker."""
+    await stack.redis.config_set('notify-keyspace-events', '')
+    try:
+        worker = await stack.start_worker()
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0, worker.output()
+    finally:
+        await stack.redis.config_set('notify-keyspace-events', 'Kz')
+
+
 async def test_without_keyspace_events_the_worker_polls(stack: Stack) -> None:
     await stack.redis.config_set('notify-keyspace-events', '')
     try:

@@ -81,6 +81,8 @@ class FlowWorker(Worker):
         self.heartbeat = heartbeat
         self.wakeup = wakeup
         self.draining = False
+        # a stop signal has come (see async_run)
+        self.stopping = False
         self.metrics = metrics
         self.ctx['runner'] = Runner(
             settings, registry, store, infra.redis, jobs, self.aborting_tasks, metrics
@@ -105,11 +107,20 @@ class FlowWorker(Worker):
 
     def handle_sig_wait_for_completion(self, signum: signal.Signals) -> None:
         self._drain(f'{signal.Signals(signum).name}: draining for up to {self.settings.drain_timeout:g}s')
+        self.stopping = True
         super().handle_sig_wait_for_completion(signum)
 
     def handle_sig(self, signum: signal.Signals) -> None:
         self._drain(f'{signal.Signals(signum).name}: stopping now')
+        self.stopping = True
         super().handle_sig(signum)
+
+    async def async_run(self) -> None:
+        """arq's run, unless a stop (SIGTERM, SIGINT) came while the process was starting: arq's
+        handlers then had no main task to cancel, and the worker would run on, draining, until
+        killed. No job can run before this, so there is nothing to drain."""
+        if not self.stopping:
+            await super().async_run()
 
     # --- the poll loop ---------------------------------------------------------------------------
 
