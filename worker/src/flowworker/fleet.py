@@ -197,20 +197,22 @@ async def queues(redis: Redis, live: list[Worker]) -> list[Queue]:
         key.removeprefix(in_progress_key_prefix) for key in await _scan(redis, in_progress_key_prefix + '*')
     ]
     now_ms = int(time.time() * 1000)
-    # one snapshot of every queue
+    # one snapshot of every queue: the counts, and the due jobs in score order as far as past the
+    # running ones (no more than run, whatever their queue)
     async with redis.pipeline(transaction=True) as pipe:
         for name in names:
             key = QUEUE_KEY_PREFIX + name
             pipe.zcard(key)
             pipe.zcount(key, f'({now_ms}', '+inf')
+            pipe.zrangebyscore(key, '-inf', now_ms, start=0, num=len(running_ids) + 1, withscores=True)
             pipe.zcount(key, '-inf', now_ms)
             if running_ids:
                 pipe.zmscore(key, running_ids)
         counts = await pipe.execute()
-    per_queue = 4 if running_ids else 3
+    per_queue = 5 if running_ids else 4
     result = []
     for i, name in enumerate(names):
-        length, deferred, due, *scores = counts[per_queue * i : per_queue * (i + 1)]
+        length, deferred, first_due, due, *scores = counts[per_queue * i : per_queue * (i + 1)]
         due_running = {
             job
             for job, score in zip(running_ids, scores[0] if scores else [], strict=False)
@@ -224,7 +226,7 @@ async def queues(redis: Redis, live: list[Worker]) -> list[Queue]:
                 length=length,
                 deferred=deferred,
                 ready=max(due - len(due_running), 0),
-                oldest_ready_age=await _oldest_ready_age(redis, QUEUE_KEY_PREFIX + name, due_running, now_ms),
+                oldest_ready_age=_oldest_ready_age(first_due, due_running, now_ms),
                 running=sum(worker.running for worker in on_queue),
                 workers=len(on_queue),
                 picking=sum(worker.state == 'running' for worker in on_queue),
@@ -233,11 +235,9 @@ async def queues(redis: Redis, live: list[Worker]) -> list[Queue]:
     return result
 
 
-async def _oldest_ready_age(redis: Redis, key: str, running: set[str], now_ms: int) -> float | None:
-    """Seconds since the first due job that no worker runs became due: the due jobs in score
-    order, past the running ones (at most as many as run), so one short read."""
-    first = await redis.zrangebyscore(key, '-inf', now_ms, start=0, num=len(running) + 1, withscores=True)
-    for member, score in first:
+def _oldest_ready_age(first_due: list[tuple[bytes, float]], running: set[str], now_ms: int) -> float | None:
+    """Seconds since the first due job that no worker runs became due (None: none is ready)."""
+    for member, score in first_due:
         if member.decode() not in running:
             return max(now_ms - float(score), 0.0) / 1000
     return None
