@@ -79,7 +79,7 @@ demo: deploy ## lab + deploy + run demo flows and show which host ran them
 lab-down: bootstrap ## remove the lab fleet and everything it made
 	ansible-playbook $(LAB) playbooks/lab.yml -e lab_fleet_state=absent
 
-lint: bootstrap ## static checks: ruff, mypy --strict, tests/static (planner, role docs, inventories), yamllint, ansible-lint, syntax, the alert rules (promtool)
+lint: bootstrap ## static checks: ruff, mypy --strict, tests/static (planner, role docs, inventories), yamllint, ansible-lint, syntax, the alert rules and the scrape configuration (promtool)
 	cd worker && ruff check . && ruff format --check . && mypy src tests bench
 	ruff check tests roles collections molecule bench && ruff format --check tests roles collections molecule bench
 	pytest -q tests/static
@@ -88,6 +88,7 @@ lint: bootstrap ## static checks: ruff, mypy --strict, tests/static (planner, ro
 	ansible-playbook $(LAB) --syntax-check deploy.yml playbooks/*.yml
 	promtool check rules monitoring/alerts.yml
 	promtool test rules monitoring/alerts.test.yml
+	promtool check config --syntax-only monitoring/prometheus.yml
 
 test-worker: bootstrap ## worker tests against a real redis-server and PostgreSQL
 	cd worker && pytest -q

@@ -80,14 +80,6 @@ class Queue(BaseModel):
         return self.length > 0 and self.picking == 0
 
 
-class FlowRate(BaseModel):
-    flow: str
-    window: str
-    succeeded: int
-    failed: int
-    cancelled: int
-
-
 class Rate(BaseModel):
     """All flows, one window."""
 
@@ -105,7 +97,6 @@ class Fleet(BaseModel):
     workers: list[Worker]
     queues: list[Queue]
     rates: list[Rate]
-    flows: list[FlowRate] = Field(description='the same counts by flow')
 
     @property
     def stranded(self) -> list[Queue]:
@@ -132,12 +123,12 @@ class Task(BaseModel):
 # attempts that ended in each window: a row per window, flow and status (windows in seconds); the
 # longest window is read once, through the finished_at index, and counted for each window
 RATES = text("""
-SELECT w.secs, a.flow, a.status, count(*)
-FROM (SELECT flow, status, finished_at FROM flow_task_attempts
+SELECT w.secs, a.status, count(*)
+FROM (SELECT status, finished_at FROM flow_task_attempts
       WHERE finished_at > now() - make_interval(secs => CAST(:longest AS integer))
         AND status = ANY(CAST(:statuses AS text[]))) AS a
 JOIN unnest(CAST(:windows AS integer[])) AS w(secs) ON a.finished_at > now() - make_interval(secs => w.secs)
-GROUP BY w.secs, a.flow, a.status
+GROUP BY w.secs, a.status
 """)
 # jobs whose latest attempt (what the view flow_tasks shows) matches whichever of status, flow and
 # age are given: filtered first, then checked for a later attempt, rather than the whole view built
@@ -243,8 +234,8 @@ def _oldest_ready_age(first_due: list[tuple[bytes, float]], running: set[str], n
     return None
 
 
-async def rates(engine: AsyncEngine) -> tuple[list[Rate], list[FlowRate]]:
-    """Attempts that ended in each window, for all flows and by flow."""
+async def rates(engine: AsyncEngine) -> list[Rate]:
+    """Attempts of every flow that ended in each window."""
     params = {
         'windows': list(WINDOWS.values()),
         'longest': max(WINDOWS.values()),
@@ -252,16 +243,14 @@ async def rates(engine: AsyncEngine) -> tuple[list[Rate], list[FlowRate]]:
     }
     async with engine.connect() as conn:
         rows = (await conn.execute(RATES, params)).all()
-    names = {seconds: window for window, seconds in WINDOWS.items()}
-    counts: dict[tuple[str, str], dict[str, int]] = {}
-    for seconds, flow, status, count in rows:
-        counts.setdefault((flow, names[seconds]), dict.fromkeys(RATE_STATUSES, 0))[status] = count
-    flows = [FlowRate(flow=flow, window=window, **c) for (flow, window), c in sorted(counts.items())]
-    totals = []
+    counts = {seconds: dict.fromkeys(RATE_STATUSES, 0) for seconds in WINDOWS.values()}
+    for seconds, status, count in rows:
+        counts[seconds][status] = count
+    found = []
     for window, seconds in WINDOWS.items():
-        total = {s: sum(getattr(f, s) for f in flows if f.window == window) for s in RATE_STATUSES}
+        total = counts[seconds]
         ended = total['succeeded'] + total['failed']
-        totals.append(
+        found.append(
             Rate(
                 window=window,
                 seconds=seconds,
@@ -270,14 +259,13 @@ async def rates(engine: AsyncEngine) -> tuple[list[Rate], list[FlowRate]]:
                 failure_rate=total['failed'] / ended if ended else None,
             )
         )
-    return totals, flows
+    return found
 
 
 async def fleet(redis: Redis, engine: AsyncEngine) -> Fleet:
     live = await workers(redis)
-    totals, flows = await rates(engine)
     return Fleet(
-        at=datetime.now(UTC), workers=live, queues=await queues(redis, live), rates=totals, flows=flows
+        at=datetime.now(UTC), workers=live, queues=await queues(redis, live), rates=await rates(engine)
     )
 
 

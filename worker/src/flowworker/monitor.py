@@ -174,14 +174,16 @@ def _gauge(name: str, documentation: str, samples: dict[tuple[str, ...], float],
 
 
 class FleetMetrics:
-    """The guide's five metrics and the queue's ready jobs and their age, as a prometheus-client
-    collector over one :class:`fleet.Fleet`."""
+    """The fleet's gauges as a prometheus-client collector: live workers, the queues by state and
+    their oldest ready job's age, heartbeat ages. Read from Redis alone on each scrape; rates are
+    PromQL's over the workers' own counters (:mod:`.metrics`)."""
 
-    def __init__(self, found: fleet.Fleet) -> None:
-        self.fleet = found
+    def __init__(self, workers: list[fleet.Worker], queues: list[fleet.Queue]) -> None:
+        self.workers = workers
+        self.queues = queues
 
     def collect(self) -> Iterable[Metric]:
-        queues, flows, workers = self.fleet.queues, self.fleet.flows, self.fleet.workers
+        queues, workers = self.queues, self.workers
         return [
             _gauge(
                 'flowworker_workers',
@@ -215,20 +217,6 @@ class FleetMetrics:
                 'seconds the oldest ready job has been due (0: none ready); alert and scale on it',
                 {(q.name,): q.oldest_ready_age or 0.0 for q in queues},
                 'queue',
-            ),
-            _gauge(
-                'flowworker_tasks_completed',
-                'task attempts that succeeded in the last window (1m, 5m, 15m)',
-                {(f.flow, f.window): f.succeeded for f in flows},
-                'flow',
-                'window',
-            ),
-            _gauge(
-                'flowworker_tasks_failed',
-                'task attempts that failed for good in the last window (1m, 5m, 15m)',
-                {(f.flow, f.window): f.failed for f in flows},
-                'flow',
-                'window',
             ),
             _gauge(
                 'flowworker_worker_heartbeat_age_seconds',
@@ -333,9 +321,10 @@ def create_app(infra: Infrastructure) -> FastAPI:
 
     @app.get('/metrics', response_class=Response, tags=['metrics'], dependencies=reads)
     async def metrics(infra: Infra) -> Response:
-        """Prometheus text: workers, queue lengths, completions and failures by flow, heartbeat ages."""
-        found = await fleet.fleet(infra.redis, infra.engine)
-        return Response(generate_latest(FleetMetrics(found)), media_type=CONTENT_TYPE_LATEST)
+        """Prometheus text: live workers, queues and their jobs by state, oldest ready age, heartbeat ages."""
+        live = await fleet.workers(infra.redis)
+        collector = FleetMetrics(live, await fleet.queues(infra.redis, live))
+        return Response(generate_latest(collector), media_type=CONTENT_TYPE_LATEST)
 
     @app.get('/healthz', tags=['health'], response_model=Health, responses={503: {'model': Health}})
     async def healthz(infra: Infra) -> JSONResponse:
