@@ -34,7 +34,10 @@ async def test_a_worker_counts_its_tasks_their_durations_and_how_long_they_waite
     late = await stack.enqueue('demo.echo', {'n': -1})
     await stack.redis.zadd(QUEUE, {late: int((time.time() - 5) * 1000)}, xx=True)
     port = free_port()
-    worker = await stack.start_worker('--max-jobs', '1', '--metrics-port', str(port))
+    # served on the port plus the offset, as a systemd template unit's instance 2 would be
+    worker = await stack.start_worker(
+        '--max-jobs', '1', '--metrics-port', str(port - 2), '--metrics-port-offset', '2'
+    )
     succeeded = [await stack.enqueue('demo.echo', {'n': n}) for n in range(3)]
     failed = [await stack.enqueue('demo.fail') for _ in range(2)]
     # a producer's typo: failed before it starts, counted under a fixed label

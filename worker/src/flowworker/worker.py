@@ -304,14 +304,16 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
     await count_redis_reconnects(infra.redis, metrics.redis_reconnects.inc)
     await _wait_for_database(infra)
     exporter = None
-    if settings.metrics_port:
+    if settings.metrics_serving_port:
         try:
-            exporter = metrics.serve(settings.metrics_address, settings.metrics_port)
+            exporter = metrics.serve(settings.metrics_address, settings.metrics_serving_port)
         except OSError as e:
             logger.error(
-                'cannot serve the metrics on %s:%d (FLOWWORKER_METRICS_PORT): %s',
+                'cannot serve the metrics on %s:%d (%s): %s',
                 settings.metrics_address,
-                settings.metrics_port,
+                settings.metrics_serving_port,
+                'FLOWWORKER_METRICS_PORT'
+                + (' + FLOWWORKER_METRICS_PORT_OFFSET' if settings.metrics_port_offset else ''),
                 e.strerror or e,
             )
             return 2
