@@ -8,10 +8,11 @@ import socket
 import time
 import urllib.request
 
+import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import QUEUE, Stack
-from .servers import free_port
+from .conftest import QUEUE, WORKER, Stack
+from .servers import PostgresServer, free_port
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -33,7 +34,10 @@ async def test_a_worker_counts_its_tasks_their_durations_and_how_long_they_waite
     late = await stack.enqueue('demo.echo', {'n': -1})
     await stack.redis.zadd(QUEUE, {late: int((time.time() - 5) * 1000)}, xx=True)
     port = free_port()
-    worker = await stack.start_worker('--max-jobs', '1', '--metrics-port', str(port))
+    # served on the port plus the offset, as a systemd template unit's instance 2 would be
+    worker = await stack.start_worker(
+        '--max-jobs', '1', '--metrics-port', str(port - 2), '--metrics-port-offset', '2'
+    )
     succeeded = [await stack.enqueue('demo.echo', {'n': n}) for n in range(3)]
     failed = [await stack.enqueue('demo.fail') for _ in range(2)]
     # a producer's typo: failed before it starts, counted under a fixed label
@@ -89,6 +93,8 @@ async def test_a_worker_counts_its_tasks_their_durations_and_how_long_they_waite
         'flowworker_max_jobs',
         'flowworker_records_waiting',
         'flowworker_drains_total',
+        'flowworker_redis_reconnects_total',
+        'flowworker_database_reconnects_total',
     }
 
 
@@ -103,3 +109,62 @@ async def test_a_metrics_port_in_use_stops_the_worker_with_the_setting_named(sta
         f'cannot serve the metrics on 127.0.0.1:{port} (FLOWWORKER_METRICS_PORT): Address already in use'
         in (worker.output())
     )
+
+
+async def test_a_worker_counts_the_connections_it_lost_and_made_anew(
+    stack: Stack, postgres_server: PostgresServer
+) -> None:
+    port = free_port()
+    await stack.start_worker('--metrics-port', str(port))
+    await stack.wait_final([await stack.enqueue('demo.echo', {'n': n}) for n in range(3)])
+
+    def reconnects(samples: Samples) -> tuple[float, float]:
+        return (
+            samples[('flowworker_redis_reconnects_total', ())],
+            samples[('flowworker_database_reconnects_total', ())],
+        )
+
+    # the records' flusher holds a connection of its own; the first sweep (after 3 heartbeat
+    # intervals, 3 s here) takes a second one
+    await stack.wait_for(
+        lambda: stack.db.fetchval('SELECT count(*) >= 2 FROM pg_stat_activity WHERE usename = $1', WORKER),
+        10,
+        "the sweep's PostgreSQL connection",
+    )
+    # the connections opened at start-up and as the pools grew are no reconnects
+    assert reconnects(await scrape(port)) == (0, 0)
+
+    # every connection of the worker's Redis user and PostgreSQL role, closed by the servers
+    killed = await stack.redis.client_kill_filter(user='worker')
+    superuser = await asyncpg.connect(postgres_server.dsn())  # the owner may not signal the worker's role
+    try:
+        terminated = await superuser.fetchval(
+            'SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity '
+            'WHERE usename = $1',
+            WORKER,
+        )
+    finally:
+        await superuser.close()
+    assert killed >= 2  # the subscription and the pool's connections
+    assert terminated == 2
+
+    jobs = [await stack.enqueue('demo.echo', {'n': n}) for n in range(5)]
+    tasks = await stack.wait_final(jobs)
+    assert {t['status'] for t in tasks} == {'succeeded'}
+
+    # each terminated backend is one pool entry, re-made (its pre-ping fails) the next time it is
+    # checked out: the flusher's at the next write, the sweep's at its next run
+    async def database_reconnected() -> bool:
+        return reconnects(await scrape(port))[1] >= 2
+
+    await stack.wait_for(database_reconnected, 10, 'two PostgreSQL reconnects')
+    redis, database = reconnects(await scrape(port))
+    assert database == 2
+    # the subscription, which redis-py re-makes (and re-subscribes) at once, and at least the pool
+    # connection the next command took; a killed one left idle under the pool's LIFO stack is
+    # re-made only when a burst needs it again, so not every one killed need be counted yet
+    assert 2 <= redis <= killed
+    # and the jobs after them were recorded through the new connections
+    more = [await stack.enqueue('demo.echo', {'n': n}) for n in range(3)]
+    assert {t['status'] for t in await stack.wait_final(more)} == {'succeeded'}
+    assert reconnects(await scrape(port)) == (redis, 2)

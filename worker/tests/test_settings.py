@@ -53,17 +53,31 @@ def test_command_line_beats_environment_beats_env_file_beats_defaults(
     env_file.write_text(
         'DATABASE_URL=postgresql://u:p@from-file/app\nREDIS_URL=redis://from-file\n'
         'FLOWWORKER_MAX_JOBS=3\nLOG_LEVEL=ERROR\nFLOWWORKER_QUEUE_NAME=background\n'
+        'FLOWWORKER_METRICS_PORT=9300\nFLOWWORKER_METRICS_PORT_OFFSET=1\n'
     )
     monkeypatch.setenv('FLOWWORKER_MAX_JOBS', '4')
     monkeypatch.setenv('LOG_LEVEL', 'warning')
+    monkeypatch.setenv('FLOWWORKER_METRICS_PORT_OFFSET', '2')
 
     settings = load_settings(env_file, max_jobs='5')
 
     assert settings.max_jobs == 5  # command line
+    # the port from the file, its offset from the environment; a template unit's --metrics-port-offset %i
+    assert settings.metrics_serving_port == 9302
+    assert load_settings(env_file, metrics_port_offset='3').metrics_serving_port == 9303
     assert settings.log_level == 'WARNING'  # environment over the file
     assert settings.queue_name == 'background'  # env file over the default
     assert settings.job_timeout == 3600  # default
     assert settings.sqlalchemy_url()[0].host == 'from-file'
+
+
+def test_the_metrics_port_offset_is_ignored_without_a_port_and_may_reach_the_last_port(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in CONNECTIONS.items():
+        monkeypatch.setenv(name, value)
+    assert load_settings(metrics_port_offset='7').metrics_serving_port == 0
+    assert load_settings(metrics_port='65530', metrics_port_offset='5').metrics_serving_port == 65535
 
 
 def test_a_dot_env_in_the_working_directory_is_read(tmp_path: Path) -> None:
@@ -172,6 +186,22 @@ BAD = [
     ({'FLOWWORKER_FLOW_MODULES': 'no_such_flows'}, [], "cannot import flow module 'no_such_flows'"),
     ({}, ['--env-file', '/nonexistent/.env'], '--env-file /nonexistent/.env: no such file'),
     ({}, ['--max-jobs'], 'argument --max-jobs: expected one argument'),
+    (
+        {'FLOWWORKER_METRICS_PORT_OFFSET': '-1'},
+        [],
+        'FLOWWORKER_METRICS_PORT_OFFSET: Input should be greater than or equal to 0',
+    ),
+    (
+        {'FLOWWORKER_METRICS_PORT_OFFSET': '10'},
+        ['--metrics-port', '65530'],
+        '--metrics-port + FLOWWORKER_METRICS_PORT_OFFSET: must be from 1 to 65535 together '
+        '(got 65530 + 10 = 65540)',
+    ),
+    (
+        {},
+        ['--metrics-port', '65535', '--metrics-port-offset', '1'],
+        '--metrics-port + --metrics-port-offset: must be from 1 to 65535 together (got 65535 + 1 = 65536)',
+    ),
 ]
 
 
@@ -211,3 +241,4 @@ def test_help_names_every_option_with_its_variable_and_default() -> None:
     for default in ("default 'default'", 'default 10]', 'default 3600]', 'default <hostname>:<pid>'):
         assert default in text
     assert '--env-file PATH' in text
+    assert '--metrics-port 9300 --metrics-port-offset %i' in text

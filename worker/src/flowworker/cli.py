@@ -43,6 +43,7 @@ WORKER_OPTIONS = (
     'poll_delay',
     'max_tries',
     'metrics_port',
+    'metrics_port_offset',
     'metrics_address',
 )
 # settings the monitoring service takes as options
@@ -58,7 +59,8 @@ def _field_help(field: str) -> str:
     default = info.default
     if isinstance(default, str) and field != 'worker_id':
         default = f"'{default}'"
-    return f'{info.description} [env {env_name(field)}; default {default}]'
+    # argparse %-formats help: a literal % (systemd's %i) is written %%
+    return f'{info.description} [env {env_name(field)}; default {default}]'.replace('%', '%%')
 
 
 def worker_parser(prog: str | None = None) -> Parser:

@@ -8,12 +8,14 @@ SQLAlchemy and asyncpg load when an engine is made: a command that needs Redis a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from arq.connections import ArqRedis, create_pool
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,6 +25,7 @@ from .settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.pool import ConnectionPoolEntry
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 DATABASE_CONNECT_TIMEOUT = 10
@@ -90,6 +93,88 @@ async def initialize(
         await engine.dispose()
         raise
     return Infrastructure(settings, engine, redis)
+
+
+class _CountsReconnects(AbstractConnection):
+    """Mixed into a Redis pool's connection class: counts each connect() of a connection object
+    whose previous socket an error ended (the server closed it, a read or write failed or timed
+    out), not its first connect, nor one after a deliberate disconnect (a pub/sub closed, the pool
+    shut down)."""
+
+    reconnected: Callable[[], None]
+    _lost = False
+
+    async def connect(self) -> None:
+        replacing = self._lost and not self.is_connected
+        await super().connect()  # type: ignore[no-untyped-call]  # redis-py is partly typed
+        if replacing:
+            self._lost = False
+            type(self).reconnected()
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError):
+            self._lost = True
+            raise
+
+    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            await super().send_packed_command(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError):
+            self._lost = True
+            raise
+
+    async def can_read_destructive(self) -> bool:
+        # the pool asks before it hands out an idle connection: data or EOF on one means it broke
+        try:
+            unusable = bool(await super().can_read_destructive())  # type: ignore[no-untyped-call]
+        except (RedisConnectionError, RedisTimeoutError):
+            self._lost = True
+            raise
+        self._lost = self._lost or unusable
+        return unusable
+
+
+async def count_redis_reconnects(redis: Redis, reconnected: Callable[[], None]) -> None:
+    """Call ``reconnected`` whenever a connection of ``redis``'s pool replaces one an error ended.
+
+    The pool's connection class (TCP, TLS or Unix socket, as arq chose) gets the counting mixin;
+    the connections made so far (arq's start-up ping) are closed, so every later one counts.
+    """
+    pool = redis.connection_pool
+    await pool.disconnect()
+    pool.reset()  # type: ignore[no-untyped-call]
+    base = pool.connection_class
+    pool.connection_class = type(
+        f'Counting{base.__name__}', (_CountsReconnects, base), {'reconnected': staticmethod(reconnected)}
+    )
+
+
+def count_database_reconnects(engine: AsyncEngine, recycle: float, reconnected: Callable[[], None]) -> None:
+    """Call ``reconnected`` whenever an entry of ``engine``'s pool connects again: its connection was
+    dropped as broken (a failed pre-ping at check-out, a disconnect seen by a statement, a failed
+    reset at check-in) or retired with the rest of the pool after one of those (SQLAlchemy's
+    pool-wide invalidation, for a failover or a restart kills them all). Call it before the
+    engine's first connection, so every entry's first connect is seen and not counted.
+
+    Not counted: an entry's first connection (start-up, growth under load), nor one replacing a
+    connection that had reached ``recycle`` seconds (``DATABASE_POOL_RECYCLE``).
+    """
+    from sqlalchemy import event  # noqa: PLC0415  # see the module's docstring
+
+    def connected(_: Any, entry: ConnectionPoolEntry) -> None:
+        info = entry.record_info
+        # the pool's own clock for its entries, which its recycle check reads
+        started = getattr(entry, 'starttime', None)
+        if info is None or started is None:
+            return
+        previous = info.get('flowworker_started')
+        if previous is not None and not (recycle >= 0 and started - previous > recycle):
+            reconnected()
+        info['flowworker_started'] = started
+
+    event.listen(engine.sync_engine.pool, 'connect', connected)
 
 
 def backoff(first: float = 0.5, cap: float = 10.0) -> Iterator[float]:

@@ -11,7 +11,32 @@ as ``<unknown>``), the fixed statuses.
 - ``flowworker_pickup_latency_seconds{queue}``: from when a job was due (arq's score: enqueued, or
   its defer time) to when this worker started it;
 - ``flowworker_jobs_in_progress``, ``flowworker_max_jobs``, ``flowworker_records_waiting`` (task
-  records not yet in PostgreSQL), ``flowworker_drains_total``.
+  records not yet in PostgreSQL), ``flowworker_drains_total``;
+- ``flowworker_redis_reconnects_total``, ``flowworker_database_reconnects_total``: connections this
+  process lost and made anew (``infrastructure.count_redis_reconnects`` and
+  ``count_database_reconnects``).
+
+A reconnect is counted where the library makes it, one per connection that broke and was
+replaced, and never for a connection opened at start-up or as the pool grows:
+
+- Redis: a connection object of the process's one pool (arq's poll loop, job bookkeeping,
+  heartbeat, spilled records and the wake-up's subscription all share it) connecting again after
+  an error ended its socket: the server closed it (``CLIENT KILL``, a restart, a timeout), a read
+  or write failed. flowworker's own recovery points (the poll loop's back-off, the wake-up's
+  re-subscribe, a heartbeat that failed) would miss most of them: redis-py's retry
+  (``infrastructure.create_redis``) re-makes a broken connection and re-subscribes a pub/sub
+  before flowworker sees an error, and a connection killed while idle in the pool is replaced the
+  next time it is handed out. Each connection counts once per loss, however many tries its
+  reconnect took; one killed while idle that no later burst needs again is not re-made, so not
+  counted. No label: one pool serves every client in the process, and which part of flowworker
+  used a connection is not the connection's to know.
+- PostgreSQL: an entry of the records engine's pool connecting again (SQLAlchemy's ``connect``
+  event for an entry seen connecting before): SQLAlchemy dropped its connection as broken (a
+  failed pre-ping at check-out, a disconnect seen by a statement, a failed reset at check-in) or
+  retired it with the rest of the pool after such a disconnect (after a failover or a restart
+  they are all dead). The store's flusher talks to asyncpg directly, so its broken connection is
+  found by the pre-ping at its next check-out, and counted there. Not counted: an entry's first
+  connection, nor one replacing a connection that reached ``DATABASE_POOL_RECYCLE``'s age.
 """
 
 from __future__ import annotations
@@ -64,6 +89,16 @@ class WorkerMetrics:
         self.drains = Counter(
             'flowworker_drains',
             'times this process stopped picking jobs (SIGUSR1, SIGTERM)',
+            registry=self.registry,
+        )
+        self.redis_reconnects = Counter(
+            'flowworker_redis_reconnects',
+            'Redis connections this process lost (closed by the server, a read or write failed) and re-made',
+            registry=self.registry,
+        )
+        self.database_reconnects = Counter(
+            'flowworker_database_reconnects',
+            'PostgreSQL connections of the records pool found broken and replaced by a new one',
             registry=self.registry,
         )
         Gauge(

@@ -15,7 +15,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from urllib.parse import unquote
 
 from arq.connections import RedisSettings
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from .urls import database_url_problem, redis_url_problem
@@ -26,6 +35,7 @@ if TYPE_CHECKING:
 QUEUE_KEY_PREFIX = 'arq:queue:'
 SSLMODES = ('disable', 'allow', 'prefer', 'require', 'verify-ca', 'verify-full')
 MIN_TOKEN_LENGTH = 16
+MAX_PORT = 65535
 
 
 def _env(name: str, description: str, **kwargs: Any) -> Any:
@@ -130,6 +140,13 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
     )
+    metrics_port_offset: int = _env(
+        'FLOWWORKER_METRICS_PORT_OFFSET',
+        'added to the metrics port, so one systemd template unit gives each instance its own '
+        '(--metrics-port 9300 --metrics-port-offset %i); ignored while the port is 0',
+        default=0,
+        ge=0,
+    )
     metrics_address: str = _env(
         'FLOWWORKER_METRICS_ADDRESS', 'address the metrics port listens on', default='127.0.0.1', min_length=1
     )
@@ -214,6 +231,28 @@ class Settings(BaseSettings):
         if len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
             raise ValueError(f'must be at least {MIN_TOKEN_LENGTH} characters')
         return value
+
+    @model_validator(mode='after')
+    def _check_metrics_port(self) -> Settings:
+        if self.metrics_port and self.metrics_serving_port > MAX_PORT:
+            # the error names both settings, each as it was given (see _describe)
+            raise PydanticCustomError(
+                'settings_sum',
+                'must be from 1 to {max} together (got {port} + {offset} = {total})',
+                {
+                    'fields': ('metrics_port', 'metrics_port_offset'),
+                    'port': self.metrics_port,
+                    'offset': self.metrics_port_offset,
+                    'total': self.metrics_serving_port,
+                    'max': MAX_PORT,
+                },
+            )
+        return self
+
+    @property
+    def metrics_serving_port(self) -> int:
+        """The port this process serves its metrics on (0: none): the metrics port plus its offset."""
+        return self.metrics_port + self.metrics_port_offset if self.metrics_port else 0
 
     def require_database(self) -> None:
         if self.database_url is None and not (
@@ -307,11 +346,18 @@ def load_settings(
 
 def _describe(error: Any, overrides: dict[str, Any], options: Mapping[str, str]) -> str:
     message = str(error['msg']).removeprefix('Value error, ')
+    if error['type'] == 'settings_sum':
+        return f'{" + ".join(_source(f, overrides, options) for f in error["ctx"]["fields"])}: {message}'
     if not error['loc']:
         return message
     field = str(error['loc'][0])
     if field not in Settings.model_fields:
         field = next((f for f in Settings.model_fields if env_name(f) == field), field)
+    return f'{_source(field, overrides, options)}: {message}'
+
+
+def _source(field: str, overrides: dict[str, Any], options: Mapping[str, str]) -> str:
+    """Where ``field`` was given: its command-line option, else its environment variable."""
     if field in overrides:
-        return f'{options.get(field, "--" + field.replace("_", "-"))}: {message}'
-    return f'{env_name(field) if field in Settings.model_fields else field}: {message}'
+        return options.get(field, '--' + field.replace('_', '-'))
+    return env_name(field) if field in Settings.model_fields else field

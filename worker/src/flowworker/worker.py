@@ -28,7 +28,14 @@ from arq.jobs import deserialize_result
 from arq.worker import func
 
 from .heartbeat import TTL_INTERVALS, Heartbeat, JobCounts, heartbeat_key
-from .infrastructure import REDIS_ERRORS, Infrastructure, backoff, describe_error
+from .infrastructure import (
+    REDIS_ERRORS,
+    Infrastructure,
+    backoff,
+    count_database_reconnects,
+    count_redis_reconnects,
+    describe_error,
+)
 from .metrics import WorkerMetrics
 from .registry import Registry
 from .runner import Runner, outcome, run_flow
@@ -283,7 +290,6 @@ async def _sweep_lost_jobs(infra: Infrastructure, store: TaskStore) -> None:
 async def serve(infra: Infrastructure, registry: Registry) -> int:
     """Run a worker until it is signalled to stop; the exit code."""
     settings = infra.settings
-    await _wait_for_database(infra)
     jobs = JobCounts()
     store = TaskStore(infra.engine)
     heartbeat = Heartbeat(infra.redis, settings, jobs, database_ok=lambda: store.healthy)
@@ -293,15 +299,21 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
     metrics = WorkerMetrics(
         settings.queue_name, registry.names(), settings.max_jobs, lambda: jobs.running, lambda: store.waiting
     )
+    # before the first PostgreSQL connection and after arq's ping: start-up connects are not counted
+    count_database_reconnects(infra.engine, settings.database_pool_recycle, metrics.database_reconnects.inc)
+    await count_redis_reconnects(infra.redis, metrics.redis_reconnects.inc)
+    await _wait_for_database(infra)
     exporter = None
-    if settings.metrics_port:
+    if settings.metrics_serving_port:
         try:
-            exporter = metrics.serve(settings.metrics_address, settings.metrics_port)
+            exporter = metrics.serve(settings.metrics_address, settings.metrics_serving_port)
         except OSError as e:
             logger.error(
-                'cannot serve the metrics on %s:%d (FLOWWORKER_METRICS_PORT): %s',
+                'cannot serve the metrics on %s:%d (%s): %s',
                 settings.metrics_address,
-                settings.metrics_port,
+                settings.metrics_serving_port,
+                'FLOWWORKER_METRICS_PORT'
+                + (' + FLOWWORKER_METRICS_PORT_OFFSET' if settings.metrics_port_offset else ''),
                 e.strerror or e,
             )
             return 2
