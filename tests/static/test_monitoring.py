@@ -21,12 +21,14 @@ SERIES = {
     'gauge': ('',),
     'counter': ('_total',),
     'histogram': ('_bucket', '_sum', '_count'),
-    'unknown': ('',),
+    'info': ('_info',),
 }
 
 
 def exported() -> set[str]:
-    worker = WorkerMetrics('default', ['demo.echo'], 10, running=lambda: 0, waiting=lambda: 0)
+    worker = WorkerMetrics(
+        'w:1', 'default', ['demo.echo'], 10, running=lambda: 0, waiting=lambda: 0, written=lambda: 0
+    )
     families = [*FleetMetrics([], []).collect(), *worker.registry.collect()]
     return {family.name + suffix for family in families for suffix in SERIES[family.type]}
 

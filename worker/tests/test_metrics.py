@@ -11,6 +11,8 @@ import urllib.request
 import asyncpg
 from prometheus_client.parser import text_string_to_metric_families
 
+from flowworker.version import VERSION
+
 from .conftest import QUEUE, WORKER, Stack
 from .servers import PostgresServer, free_port
 
@@ -74,6 +76,10 @@ async def test_a_worker_counts_its_tasks_their_durations_and_how_long_they_waite
     assert samples[('flowworker_jobs_in_progress', ())] == 1
     assert samples[('flowworker_max_jobs', ())] == 1
     assert samples[('flowworker_records_waiting', ())] >= 0
+    # a start row and an end row per attempt, the one replacing the other while both wait
+    assert samples[('flowworker_records_written_total', ())] >= 7
+    info = (('queue', 'default'), ('version', VERSION), ('worker_id', worker.worker_id))
+    assert samples[('flowworker_worker_info', info)] == 1
     assert samples[('flowworker_drains_total', ())] == 0
 
     worker.signal(signal.SIGUSR1)
@@ -92,6 +98,8 @@ async def test_a_worker_counts_its_tasks_their_durations_and_how_long_they_waite
         'flowworker_jobs_in_progress',
         'flowworker_max_jobs',
         'flowworker_records_waiting',
+        'flowworker_records_written_total',
+        'flowworker_worker_info',
         'flowworker_drains_total',
         'flowworker_redis_reconnects_total',
         'flowworker_database_reconnects_total',

@@ -11,7 +11,10 @@ as ``<unknown>``), the fixed statuses.
 - ``flowworker_pickup_latency_seconds{queue}``: from when a job was due (arq's score: enqueued, or
   its defer time) to when this worker started it;
 - ``flowworker_jobs_in_progress``, ``flowworker_max_jobs``, ``flowworker_records_waiting`` (task
-  records not yet in PostgreSQL), ``flowworker_drains_total``;
+  records not yet in PostgreSQL), ``flowworker_records_written_total`` (rows the store wrote:
+  waiting records and none written is a store that cannot write), ``flowworker_drains_total``;
+- ``flowworker_worker_info{worker_id,queue,version}`` (always 1): which worker process a target is,
+  to join its series with its heartbeat;
 - ``flowworker_redis_reconnects_total``, ``flowworker_database_reconnects_total``: connections this
   process lost and made anew (``infrastructure.count_redis_reconnects`` and
   ``count_database_reconnects``).
@@ -41,10 +44,13 @@ replaced, and never for a connection opened at start-up or as the pool grows:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
+
+from .version import VERSION
 
 # the flow label of a job whose flow this worker does not know: a producer's typo adds no series
 UNKNOWN_FLOW = '<unknown>'
@@ -54,14 +60,27 @@ DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 PICKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 
 
+class _ReadCounter:
+    """A counter whose value another object keeps and this reads at each scrape."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self.name, self.documentation, self.read = name, documentation, read
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=self.read())
+
+
 class WorkerMetrics:
     def __init__(
         self,
+        worker_id: str,
         queue: str,
         flows: Collection[str],
         max_jobs: int,
+        *,
         running: Callable[[], int],
         waiting: Callable[[], int],
+        written: Callable[[], int],
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.queue = queue
@@ -110,6 +129,12 @@ class WorkerMetrics:
         Gauge(
             'flowworker_records_waiting', 'task records not yet written to PostgreSQL', registry=self.registry
         ).set_function(waiting)
+        self.registry.register(
+            _ReadCounter('flowworker_records_written', 'task record rows written to PostgreSQL', written)
+        )
+        Info('flowworker_worker', 'the worker process behind this target', registry=self.registry).info(
+            {'worker_id': worker_id, 'queue': queue, 'version': VERSION}
+        )
 
     def started(self, waited: float) -> None:
         self._pickup.labels(self.queue).observe(max(waited, 0.0))

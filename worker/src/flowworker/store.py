@@ -160,6 +160,8 @@ class TaskStore:
         self._idle = asyncio.Event()
         self._idle.set()
         self.healthy = True
+        # rows written since the start (flowworker_records_written_total)
+        self.written = 0
 
     @property
     def waiting(self) -> int:
@@ -209,6 +211,7 @@ class TaskStore:
                         self._pending.setdefault(key, row)  # a newer row of the attempt wins
                     self._wake.set()
                     raise
+                self.written += len(batch)
                 self._set_health(True)
             self._idle.set()
 

@@ -297,7 +297,13 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
         infra.redis, settings.queue_key, settings.redis_settings().database, settings.worker_id
     )
     metrics = WorkerMetrics(
-        settings.queue_name, registry.names(), settings.max_jobs, lambda: jobs.running, lambda: store.waiting
+        settings.worker_id,
+        settings.queue_name,
+        registry.names(),
+        settings.max_jobs,
+        running=lambda: jobs.running,
+        waiting=lambda: store.waiting,
+        written=lambda: store.written,
     )
     # before the first PostgreSQL connection and after arq's ping: start-up connects are not counted
     count_database_reconnects(infra.engine, settings.database_pool_recycle, metrics.database_reconnects.inc)
