@@ -16,8 +16,9 @@ BENCH_WORKERS ?= 1 8
 # monitor's /workers page; podman with runc, netavark, aardvark-dns (containers find each other by
 # name) and iptables (published ports), and debootstrap: the systemd test image and the lab fleet;
 # openssh-client: Ansible reaches the lab; prometheus: its promtool checks and unit-tests the alert
-# rules in monitoring/ (the tests start no Prometheus; on a machine that boots systemd the package
-# would enable its own service)
+# rules and the scrape configuration in monitoring/, and the end-to-end tests run its server in a
+# lab container (none runs on this machine; on one that boots systemd the package would enable
+# its own service)
 APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-dns iptables debootstrap openssh-client prometheus
 
 export PATH := $(BIN):$(PATH)

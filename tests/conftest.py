@@ -184,6 +184,18 @@ def podman_exec(host: str, *argv: str, check: bool = True) -> str:
     ).stdout.strip()
 
 
+# the Prometheus host of the lab (group prometheus_servers) and where the roles write the targets
+PROMETHEUS_HOST = 'lab-db'
+SD_DIR = '/etc/prometheus/file_sd/flowworker'
+METRICS_PORT = 9300
+
+
+def scrape_targets(host: str) -> list[dict[str, Any]]:
+    """The file-SD entries that worker host ``host`` wrote on the lab's Prometheus host."""
+    found: list[dict[str, Any]] = json.loads(podman_exec(PROMETHEUS_HOST, 'cat', f'{SD_DIR}/{host}.json'))
+    return found
+
+
 def current_version(host: str) -> str:
     """The worker version a host runs (the target of its `current` link)."""
     return podman_exec(host, 'readlink', '/opt/arq-worker/current')

@@ -18,6 +18,7 @@ import redis.asyncio
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 
 from .conftest import (
+    METRICS_PORT,
     REDIS_PORT,
     WORKERS,
     Lab,
@@ -25,6 +26,7 @@ from .conftest import (
     assert_deployed,
     current_version,
     podman_exec,
+    scrape_targets,
 )
 
 BAD_INVENTORIES = [
@@ -228,12 +230,19 @@ def test_changing_one_hosts_count_changes_only_that_host(deployed: Lab, tmp_path
     assert up.changed_hosts() == {'lab-worker-2'}
     assert deployed.pids('lab-worker-1') == before
     assert len(deployed.pids('lab-worker-2')) == 3
+    # Prometheus's targets follow: the host's file on the Prometheus host lists the three
+    assert [t['targets'] for t in scrape_targets('lab-worker-2')] == [
+        [f'lab-worker-2:{METRICS_PORT + n}'] for n in (1, 2, 3)
+    ]
 
     down = deployed.deploy()  # the lab's own inventory: back to 2
 
     assert_deployed(down)
     assert down.changed_hosts() == {'lab-worker-2'}
     assert len(deployed.pids('lab-worker-2')) == 2
+    assert [t['targets'] for t in scrape_targets('lab-worker-2')] == [
+        [f'lab-worker-2:{METRICS_PORT + n}'] for n in (1, 2)
+    ]
     assert deployed.pids('lab-worker-1') == before
 
 

@@ -1,18 +1,39 @@
 """The monitoring service in the lab: deployed on lab-db by deploy.yml, reached through its published port.
 
 It must show exactly the lab's worker processes (their heartbeats), count them in /metrics, refuse
-a cancel without the token, and `make demo` (playbooks/demo.yml) must end with its URL.
+a cancel without the token, and `make demo` (playbooks/demo.yml) must end with its URL. And a real
+Prometheus (Debian's, run on the lab's Prometheus host with monitoring/prometheus.yml's job) must
+scrape every worker process by the targets the roles wrote there, each series labelled by instance.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import LAB, WORKERS, Lab, ansible_playbook
+from .conftest import (
+    LAB,
+    METRICS_PORT,
+    PROMETHEUS_HOST,
+    ROOT,
+    WORKERS,
+    Lab,
+    ansible_playbook,
+    podman_exec,
+    scrape_targets,
+)
 
 # lab-db publishes the monitor's port 8080 here (inventories/lab/host_vars/lab-db.yml)
 MONITOR = 'http://127.0.0.1:42480'
@@ -81,3 +102,86 @@ def test_a_short_token_fails_before_any_host_changes(deployed: Lab, tmp_path: Pa
     assert 'arq_monitor_token must be at least 16 characters' in run.output
     assert 'hunter2' not in run.output
     assert run.changed_hosts() == set(), run.output[-5000:]
+
+
+PROMETHEUS = shutil.which('prometheus')
+PROMETHEUS_DIR = '/tmp/prometheus-test'
+PROMETHEUS_API = 'http://127.0.0.1:9090/api/v1/'
+
+
+def prometheus_query(query: str) -> list[dict[str, Any]]:
+    """The result of an instant query to the Prometheus running on the lab's Prometheus host."""
+    url = PROMETHEUS_API + 'query?' + urllib.parse.urlencode({'query': query})
+    read = f'import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())'
+    result: list[dict[str, Any]] = json.loads(podman_exec(PROMETHEUS_HOST, 'python3', '-c', read))['data'][
+        'result'
+    ]
+    return result
+
+
+@pytest.fixture
+def prometheus(deployed: Lab) -> Iterator[None]:
+    """Debian's Prometheus on the lab's Prometheus host, scraping every second with the shipped
+    flowworker-workers job (its file_sd_configs read what the roles wrote)."""
+    if PROMETHEUS is None:
+        pytest.fail("Debian's prometheus is not installed (make bootstrap installs it)")
+    shipped = yaml.safe_load((ROOT / 'monitoring' / 'prometheus.yml').read_text())
+    [job] = [job for job in shipped['scrape_configs'] if job['job_name'] == 'flowworker-workers']
+    config = {'global': {'scrape_interval': '1s'}, 'scrape_configs': [job]}
+    subprocess.run(['podman', 'cp', PROMETHEUS, f'{PROMETHEUS_HOST}:/usr/local/bin/prometheus'], check=True)
+    podman_exec(PROMETHEUS_HOST, 'mkdir', '-p', PROMETHEUS_DIR)
+    subprocess.run(
+        ['podman', 'exec', '-i', PROMETHEUS_HOST, 'sh', '-c', f'cat > {PROMETHEUS_DIR}/prometheus.yml'],
+        input=yaml.safe_dump(config),
+        text=True,
+        check=True,
+    )
+    subprocess.run(
+        [
+            'podman', 'exec', '-d', PROMETHEUS_HOST, '/usr/local/bin/prometheus',
+            f'--config.file={PROMETHEUS_DIR}/prometheus.yml',
+            f'--storage.tsdb.path={PROMETHEUS_DIR}/data',
+            '--web.listen-address=127.0.0.1:9090',
+        ],
+        check=True,
+    )  # fmt: skip
+    try:
+        yield
+    finally:
+        podman_exec(PROMETHEUS_HOST, 'pkill', '-x', 'prometheus', check=False)
+        podman_exec(PROMETHEUS_HOST, 'rm', '-rf', PROMETHEUS_DIR, '/usr/local/bin/prometheus', check=False)
+
+
+def test_prometheus_scrapes_every_worker_process_by_the_targets_the_roles_wrote(
+    deployed: Lab, prometheus: None
+) -> None:
+    expected = {f'{host}:{METRICS_PORT + n}' for host, count in WORKERS.items() for n in range(1, count + 1)}
+    written = {target for host in WORKERS for entry in scrape_targets(host) for target in entry['targets']}
+    assert written == expected
+
+    deadline = time.monotonic() + 60
+    up: dict[str, str] = {}
+    while time.monotonic() < deadline:
+        try:
+            up = {
+                s['metric']['instance']: s['value'][1]
+                for s in prometheus_query('up{job="flowworker-workers"}')
+            }
+        except (subprocess.CalledProcessError, json.JSONDecodeError):
+            up = {}  # Prometheus still starting
+        if up == dict.fromkeys(expected, '1'):
+            break
+        time.sleep(1)
+    assert up == dict.fromkeys(expected, '1')
+
+    # each process's own series, labelled by its instance and by the labels its target carries
+    series = {s['metric']['instance']: s for s in prometheus_query('flowworker_max_jobs')}
+    assert set(series) == expected
+    beats = deployed.heartbeats()
+    for instance, sample in series.items():
+        host, port = instance.split(':')
+        n = int(port) - METRICS_PORT
+        assert sample['metric']['host'] == host
+        assert sample['metric']['unit'] == f'arq-worker@{n}.service'
+        assert sample['metric']['worker_id'] == f'{host}:arq-worker@{n}'
+        assert sample['value'][1] == str(beats[f'arq:worker:{host}:arq-worker@{n}']['max_jobs'])

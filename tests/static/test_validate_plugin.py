@@ -63,12 +63,24 @@ def args(**changes: Any) -> dict[str, Any]:
         'db_upgrade_host': 'worker-1',
         'inventory_hosts': ['worker-1', 'worker-2'],
         'inventory_hostname': 'worker-2',
+        'host_id': 'worker-2',
+        'metrics_port': 9300,
+        'metrics_address': '127.0.0.1',
+        'metrics_scrape_address': 'worker-2.example.internal',
+        'metrics_sd_hosts': ['worker-1'],
+        'metrics_sd_dir': '/etc/prometheus/file_sd/flowworker',
     }
     return {**base, **changes}
 
 
 def derive(given: dict[str, Any]) -> list[dict[str, Any]]:
-    return validate.pools(given['pools'], given['pool_defaults'], given['process_manager'], given['vcpus'])
+    return validate.pools(
+        given['pools'],
+        given['pool_defaults'],
+        given['process_manager'],
+        given['vcpus'],
+        given['metrics_port'],
+    )
 
 
 def test_the_pools_are_derived_with_their_names_and_max_jobs() -> None:
@@ -82,6 +94,42 @@ def test_the_pools_are_derived_with_their_names_and_max_jobs() -> None:
         ('arq-worker', 3, ['arq-worker_01', 'arq-worker_02', 'arq-worker_03'], 10),
         ('arq-worker-io', 2, ['arq-worker-io_01', 'arq-worker-io_02'], 20),
     ]
+
+
+@pytest.mark.parametrize(
+    ('manager', 'unit'),
+    [('systemd', 'arq-worker-io@2.service'), ('supervisor', 'arq-worker-io:arq-worker-io_02')],
+)
+def test_each_pool_has_a_range_of_metrics_ports_and_each_instance_a_target(manager: str, unit: str) -> None:
+    given = args(
+        pools=[
+            {'name': 'default', 'instances': 1},
+            {'name': 'io', 'instances': 2, 'queue': 'io'},
+            {'name': 'quiet', 'metrics_port': 0},
+            {'name': 'own', 'instances': 1, 'metrics_port': 10000},
+        ],
+        process_manager=manager,
+    )
+    pools = derive(given)
+    validate.check(given, pools)
+    assert [p['metrics_port'] for p in pools] == [9300, 9400, 0, 10000]
+    targets = validate.scrape_targets(pools, given)
+    assert [t['targets'] for t in targets] == [
+        ['worker-2.example.internal:9301'],
+        ['worker-2.example.internal:9401'],
+        ['worker-2.example.internal:9402'],
+        ['worker-2.example.internal:10001'],
+    ]
+    assert targets[2]['labels'] == {
+        'host': 'worker-2',
+        'pool': 'io',
+        'queue': 'io',
+        'unit': unit,
+        'worker_id': f'worker-2:{unit.rsplit(":", maxsplit=1)[-1].removesuffix(".service")}',
+    }
+    assert validate.scrape_targets(derive(args(metrics_port=0)), args(metrics_port=0)) == []
+    ipv6 = args(metrics_scrape_address='fd00::7', pools=[{'name': 'default', 'instances': 1}])
+    assert validate.scrape_targets(derive(ipv6), ipv6)[0]['targets'] == ['[fd00::7]:9301']
 
 
 def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
@@ -158,6 +206,30 @@ def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
             "arq_worker_db_upgrade_host is 'worker-9', which is no host of the inventory",
         ),
         ({'record_prune_host': 'wrker-1'}, "arq_worker_record_prune_host is 'wrker-1', which is no host"),
+        ({'metrics_port': 70000}, 'arq_worker_metrics_port must be 0 (no metrics) or a port up to 65535'),
+        (
+            {'metrics_port': 65534},
+            'arq_worker_pools[0].metrics_port (from arq_worker_metrics_port + 100 * index) must be 0 (no '
+            'metrics) or a port from 1 to 65532',
+        ),
+        (
+            {'pools': [{'name': 'default', 'instances': 3}, {'name': 'io', 'metrics_port': 9302}]},
+            "arq_worker_pools[1].metrics_port (9302) gives its instances ports that pool 'default' uses "
+            'too (port 9303)',
+        ),
+        (
+            {'metrics_address': '127.0.0.1 --quiet'},
+            'arq_worker_metrics_address must be an IP address or a host name',
+        ),
+        (
+            {'metrics_scrape_address': ''},
+            'arq_worker_metrics_scrape_address must be an IP address or a host name',
+        ),
+        (
+            {'metrics_sd_hosts': ['prom-9']},
+            "arq_worker_metrics_sd_hosts names ['prom-9'], which are no hosts",
+        ),
+        ({'metrics_sd_dir': 'file_sd'}, 'arq_worker_metrics_sd_dir must be an absolute path'),
     ],
 )
 def test_a_broken_rule_names_the_variable(changes: dict[str, Any], message: str) -> None:

@@ -46,6 +46,16 @@ def wait_for(predicate, timeout: float = 30, interval: float = 0.5):
         time.sleep(interval)
 
 
+# the role's arq_worker_metrics_port: instance N of the default pool serves its metrics on + N
+METRICS_PORT = 9300
+
+
+def metrics(host, port: int) -> str:
+    """The Prometheus text a worker process serves on the host's port ``port``."""
+    read = f"import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics').read().decode())"
+    return host.check_output(shlex.join(['python3', '-c', read]))
+
+
 def exposure(host, unit: str) -> float:
     """``systemd-analyze security``'s overall exposure of ``unit`` (0 safest, 10 unsafe)."""
     last = host.check_output(f'systemd-analyze security --no-pager {shlex.quote(unit)}').splitlines()[-1]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SCENARIO, heartbeats
+from conftest import METRICS_PORT, SCENARIO, heartbeats, metrics
 
 pytestmark = pytest.mark.skipif(SCENARIO != 'supervisor', reason='supervisor scenario only')
 
@@ -64,3 +64,10 @@ def test_one_heartbeat_per_process(host, hostname):
         pid = int(procs[f'arq-worker:{name}'][2].rstrip(','))
         assert beats[f'{hostname}:{name}']['pid'] == pid
         assert beats[f'{hostname}:{name}']['state'] == 'running'
+
+
+@pytest.mark.parametrize('n', range(1, len(NAMES) + 1))
+def test_each_program_serves_its_metrics_on_its_own_port(host, hostname, n):
+    served = metrics(host, METRICS_PORT + n)
+    assert f'worker_id="{hostname}:arq-worker_{n:02d}"' in served
+    assert 'flowworker_max_jobs ' in served

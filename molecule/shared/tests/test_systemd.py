@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import SCENARIO, exposure, heartbeats
+from conftest import METRICS_PORT, SCENARIO, exposure, heartbeats, metrics
 
 pytestmark = pytest.mark.skipif(SCENARIO not in ('default', 'scale', 'pypi'), reason='systemd scenarios only')
 
@@ -87,3 +87,10 @@ def test_nothing_of_the_removed_instances_is_left(host, hostname):
     for n in range(2, 6):
         assert host.run(f'systemctl is-enabled arq-worker@{n}.service').stdout.strip() == 'disabled'
     assert sorted(heartbeats(host)) == [f'{hostname}:arq-worker@1']
+
+
+@pytest.mark.parametrize('n', range(1, EXPECTED + 1))
+def test_each_instance_serves_its_metrics_on_its_own_port(host, hostname, n):
+    served = metrics(host, METRICS_PORT + n)
+    assert f'worker_id="{hostname}:arq-worker@{n}"' in served
+    assert 'flowworker_max_jobs ' in served

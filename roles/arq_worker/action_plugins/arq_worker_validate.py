@@ -3,8 +3,9 @@
 Types and choices are checked by meta/argument_specs.yml before this runs. This checks what
 spans variables, in one task, and fails with the first rule broken, naming the variable (for a
 pool, ``arq_worker_pools[i].<key>``, and the role variable it came from) and the accepted values.
-It returns the pools with their defaults filled in, their prefix, count, unit or program names
-and max_jobs; ``tasks/validate.yml`` publishes them.
+It returns the pools with their defaults filled in, their prefix, count, unit or program names,
+max_jobs and metrics port, and every instance's Prometheus scrape target; ``tasks/validate.yml``
+publishes them.
 """
 
 from __future__ import annotations
@@ -35,6 +36,11 @@ LOG_LEVELS = ('DEBUG', 'INFO', 'WARNING', 'ERROR')
 RETENTION = re.compile(r'^([0-9]+(?:\.[0-9]+)?)([smhd])$|^0$')
 RETENTION_UNITS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
 CALENDAR = re.compile(r'^[A-Za-z0-9*:,./~ -]+$')
+# a pool's metrics ports lie this far apart by default: room for its 99 instances
+METRICS_PORT_STRIDE = 100
+MAX_PORT = 65535
+# an IP address or a host name: it lands on the worker's command line and in the scrape targets
+ADDRESS = re.compile(r'^[A-Za-z0-9_.:-]+$')
 
 
 class Invalid(Exception):
@@ -60,7 +66,9 @@ def _float(value: Any) -> float:
         return 0.0
 
 
-def pools(raw_pools: list[dict[str, Any]], defaults: dict[str, Any], manager: str, vcpus: int) -> list[dict]:
+def pools(
+    raw_pools: list[dict[str, Any]], defaults: dict[str, Any], manager: str, vcpus: int, metrics_port: int
+) -> list[dict]:
     out = []
     for index, raw in enumerate(raw_pools):
         pool = {**defaults, **raw}
@@ -80,9 +88,34 @@ def pools(raw_pools: list[dict[str, Any]], defaults: dict[str, Any], manager: st
                 'names': [i.name for i in _plan.Pool(prefix, count, 0).instances(manager)],
                 'index': index,
                 'max_jobs': per_core * vcpus if per_core > 0 else pool['max_jobs'],
+                'metrics_port': _int(pool['metrics_port'])
+                if 'metrics_port' in raw
+                else (metrics_port + METRICS_PORT_STRIDE * index if metrics_port > 0 else 0),
             }
         )
     return out
+
+
+def scrape_targets(derived: list[dict], args: dict[str, Any]) -> list[dict[str, Any]]:
+    """Prometheus file-SD entries, one per instance that serves metrics (tasks/metrics.yml)."""
+    address = str(args['metrics_scrape_address'])
+    if ':' in address:
+        address = f'[{address}]'
+    return [
+        {
+            'targets': [f'{address}:{pool["metrics_port"] + instance.number}'],
+            'labels': {
+                'host': args['inventory_hostname'],
+                'pool': pool['name'],
+                'queue': pool['queue'],
+                'unit': instance.target,
+                'worker_id': instance.worker_id(args['host_id']),
+            },
+        }
+        for pool in derived
+        if pool['metrics_port'] > 0
+        for instance in _plan.Pool(pool['prefix'], pool['count'], 0).instances(args['process_manager'])
+    ]
 
 
 def unit_files(derived: list[dict], unit_dir: str) -> list[dict[str, Any]]:
@@ -91,7 +124,11 @@ def unit_files(derived: list[dict], unit_dir: str) -> list[dict[str, Any]]:
     for pool in derived:
         prefix = pool['prefix']
         for name, template, extra in (
-            (f'{prefix}@.service', 'arq-worker@.service.j2', {'__arq_worker_instance_name': f'{prefix}@%i'}),
+            (
+                f'{prefix}@.service',
+                'arq-worker@.service.j2',
+                {'__arq_worker_instance_name': f'{prefix}@%i', '__arq_worker_instance_number': '%i'},
+            ),
             (f'{prefix}.target', 'arq-worker.target.j2', {}),
         ):
             files.append(
@@ -171,9 +208,21 @@ POOL_RULES: list[tuple[str, Any, Any]] = [
         lambda p: str(p['log_level']).upper() in LOG_LEVELS,
         lambda p: f"must be one of DEBUG, INFO, WARNING, ERROR; got '{p['log_level']}'.",
     ),
+    (
+        'metrics_port',
+        lambda p: p['metrics_port'] == 0 or 1 <= p['metrics_port'] <= MAX_PORT - max(p['count'], 1),
+        lambda p: (
+            f'must be 0 (no metrics) or a port from 1 to {MAX_PORT - max(p["count"], 1)}, leaving room '
+            f'for the ports + 1 to + {p["count"]} of its instances; got {p["metrics_port"]}.'
+        ),
+    ),
 ]
 # the role variable a key of the pool `default` comes from
-ORIGIN = {'queue': 'arq_worker_queue_name', 'name': None}
+ORIGIN = {
+    'queue': 'arq_worker_queue_name',
+    'name': None,
+    'metrics_port': 'arq_worker_metrics_port + 100 * index',
+}
 
 
 def check_pools(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
@@ -187,12 +236,50 @@ def check_pools(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
             "arq_worker_pools: a pool named 'rpc' cannot run under supervisor: its group file would be "
             f'{_plan.SUPERVISOR_RPC_FILE}, the RPC extension of the role; name it otherwise.'
         )
+    if not 0 <= _int(args['metrics_port']) <= MAX_PORT:
+        raise Invalid(
+            f'arq_worker_metrics_port must be 0 (no metrics) or a port up to {MAX_PORT}; '
+            f'got {args["metrics_port"]}.'
+        )
     for key, passes, message in POOL_RULES:
         for pool in derived:
             if not passes(pool):
                 origin = ORIGIN.get(key, f'arq_worker_{key}')
                 came = f' (from {origin})' if origin and pool['name'] == 'default' else ''
                 raise Invalid(f'arq_worker_pools[{pool["index"]}].{key}{came} {message(pool)}')
+    check_metrics_ports(args, derived)
+
+
+def check_metrics_ports(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
+    """No two instances of the host share a metrics port; the targets go to hosts of the inventory."""
+    taken: dict[int, str] = {}
+    for pool in derived:
+        if pool['metrics_port'] == 0:
+            continue
+        for port in range(pool['metrics_port'] + 1, pool['metrics_port'] + pool['count'] + 1):
+            if port in taken:
+                raise Invalid(
+                    f'arq_worker_pools[{pool["index"]}].metrics_port ({pool["metrics_port"]}) gives its '
+                    f'instances ports that pool {taken[port]!r} uses too (port {port}): give each pool a '
+                    f'range of its own (instance N listens on metrics_port + N).'
+                )
+            taken[port] = pool['name']
+    for name, what in (
+        ('metrics_address', 'to bind the metrics ports to'),
+        ('metrics_scrape_address', 'Prometheus reaches this host at'),
+    ):
+        if taken and not ADDRESS.match(str(args[name])):
+            raise Invalid(
+                f'arq_worker_{name} must be an IP address or a host name {what}, such as 127.0.0.1 '
+                f'(letters, digits, . : - _); got {str(args[name])!r}.'
+            )
+    if unknown := [host for host in args['metrics_sd_hosts'] if host not in args['inventory_hosts']]:
+        raise Invalid(
+            f'arq_worker_metrics_sd_hosts names {unknown}, which are no hosts of the inventory: name '
+            "the hosts where Prometheus runs (each gets a file-SD file of this host's instances)."
+        )
+    if args['metrics_sd_hosts'] and not str(args['metrics_sd_dir']).startswith('/'):
+        raise Invalid(f'arq_worker_metrics_sd_dir must be an absolute path (got {args["metrics_sd_dir"]!r}).')
 
 
 def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
@@ -316,7 +403,13 @@ class ActionModule(ActionBase):
         args = self._task.args
         try:
             vcpus = _int(args['vcpus'])
-            derived = pools(args['pools'], args['pool_defaults'], args['process_manager'], vcpus)
+            derived = pools(
+                args['pools'],
+                args['pool_defaults'],
+                args['process_manager'],
+                vcpus,
+                _int(args['metrics_port']),
+            )
             check(args, derived)
         except Invalid as exc:
             return {**result, 'failed': True, 'msg': str(exc)}
@@ -325,6 +418,7 @@ class ActionModule(ActionBase):
             'changed': False,
             'pools': derived,
             'prunes': prunes(args),
+            'scrape_targets': scrape_targets(derived, args),
             'unit_files': (
                 unit_files(derived, args['unit_dir']) if args['process_manager'] == 'systemd' else []
             ),
