@@ -14,6 +14,7 @@ import subprocess
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -27,6 +28,10 @@ CHROMIUM = shutil.which('chromium')
 OUTPUT = WORKER_ROOT / 'build' / 'test-output'
 WINDOWS = {'phone': '390,844', 'desktop': '1280,800'}
 REPORTS = 'arq:queue:reports'
+MARKUP = '<img src=x onerror="alert(1)">'
+ODD_ID = 'job <b>&"odd"'
+# the reports worker's heartbeat counts once it has run the retried job and the odd one
+COUNTED = {'running': 0, 'completed': 1, 'failed': 1, 'retried': 1}
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium is not installed (make bootstrap installs it)"
@@ -146,13 +151,17 @@ async def test_the_workers_page_renders_the_fleet_in_chromium(
     job = await stack.arq.enqueue_job('run_flow', 'test.flaky', {'succeed_on': 2}, _queue_name=REPORTS)
     assert job is not None
     retried = job.job_id
-    await stack.wait_final([retried])
+    # a failure whose id and error are markup: the page shows them as text
+    await stack.arq.enqueue_job(
+        'run_flow', 'demo.fail', {'message': MARKUP}, _queue_name=REPORTS, _job_id=ODD_ID
+    )
+    await stack.wait_final([retried, ODD_ID])
 
     async def counted() -> bool:
         beat = await stack.redis.get(f'arq:worker:{other.worker_id}')
-        return bool(beat and json.loads(beat)['jobs']['completed'] == 1)
+        return bool(beat and json.loads(beat)['jobs'] == COUNTED)
 
-    await stack.wait_for(counted, 30, 'the heartbeat to count the retried job', alive=other)
+    await stack.wait_for(counted, 30, 'the heartbeat to count the reports jobs', alive=other)
     url = f'{monitor.url}/workers'
 
     page = rendered(url, tmp_path / 'profile')
@@ -163,11 +172,13 @@ async def test_the_workers_page_renders_the_fleet_in_chromium(
     assert header == list(WORKER_COLUMNS)
     assert [row[:7] for row in rows] == [
         [mix.worker.worker_id, socket.gethostname(), 'default', 'running', '1/1', '3', '2'],
-        [other.worker_id, socket.gethostname(), 'reports', 'running', '0/4', '1', '0'],
+        [other.worker_id, socket.gethostname(), 'reports', 'running', '0/4', '1', '1'],
     ]
     async with monitor.client() as client:
         workers = (await client.get('/api/v1/task_queue/workers')).json()['workers']
         unknown = await client.get('/tasks/no-such-job')
+        raw = (await client.get('/workers')).text
+        odd = await client.get(f'/tasks/{quote(ODD_ID, safe="")}')
     assert [[w['worker_id'], w['host']] for w in workers] == [row[:2] for row in rows]
     assert all(row[7].endswith('s ago') for row in rows)
     assert page.tables['queues'] == [
@@ -176,10 +187,10 @@ async def test_the_workers_page_renders_the_fleet_in_chromium(
         ['reports', '0', '0', '-', '0', '0', '1'],
     ]
     assert re.fullmatch(r'[0-9.]+s', page.tables['queues'][1][3])
-    assert [row[:4] for row in page.tables['rates'][1:]] == [[w, '4', '2', '0'] for w in ('1m', '5m', '15m')]
+    assert [row[:4] for row in page.tables['rates'][1:]] == [[w, '4', '3', '0'] for w in ('1m', '5m', '15m')]
 
-    # the last hour's charts: the known mix's 3 successes and the retried job's, its 2 failures
-    for chart_id, title, total in (('succeeded', 'Throughput', 4), ('failed', 'Failures', 2)):
+    # the last hour's charts: the known mix's 3 successes and the retried job's, 2 + 1 failures
+    for chart_id, title, total in (('succeeded', 'Throughput', 4), ('failed', 'Failures', 3)):
         chart = page.charts[chart_id]
         assert chart.attributes['data-total'] == str(total)
         assert chart.attributes['data-minutes'] == '60'
@@ -190,14 +201,17 @@ async def test_the_workers_page_renders_the_fleet_in_chromium(
 
     header, *rows = page.tables['failures']
     assert header == list(FAILURE_COLUMNS)
-    ended = {job_id: (await stack.attempts(job_id))[-1]['finished_at'] for job_id in mix.failed}
-    newest_first = sorted(mix.failed, key=ended.__getitem__, reverse=True)
+    failed = {job_id: (await stack.attempts(job_id))[-1] for job_id in [*mix.failed, ODD_ID]}
+    newest_first = sorted(failed, key=lambda job_id: failed[job_id]['finished_at'], reverse=True)
     assert [row[:4] for row in rows] == [
-        [job_id, 'demo.fail', 'DemoFailure: demo.fail always fails', mix.worker.worker_id]
-        for job_id in newest_first
+        [job_id, 'demo.fail', failed[job_id]['error'], failed[job_id]['worker_id']] for job_id in newest_first
     ]
+    assert failed[ODD_ID]['error'] == f'DemoFailure: {MARKUP}'
     assert all(re.fullmatch(r'\d{4}-\d\d-\d\d \d\d:\d\d:\d\d', row[4]) for row in rows)
-    assert page.links['failures'] == [f'/tasks/{job_id}' for job_id in newest_first]
+    assert page.links['failures'] == [f'/tasks/{quote(job_id, safe="")}' for job_id in newest_first]
+    assert '<img' not in raw
+    assert '&lt;img src=x onerror=&#34;alert(1)&#34;&gt;' in raw
+    assert (odd.status_code, '<img' in odd.text) == (200, False)
     screenshots('workers', url, tmp_path / 'profile')
 
     task = rendered(f'{monitor.url}/tasks/{retried}', tmp_path / 'profile')
@@ -216,6 +230,7 @@ async def test_the_workers_page_renders_the_fleet_in_chromium(
     assert running.forms == [
         {'action': f'/tasks/{mix.running}/cancel', 'method': 'post', 'token': 'password'}
     ]
+    screenshots('task-running', f'{monitor.url}/tasks/{mix.running}', tmp_path / 'profile')
 
     assert unknown.status_code == 404
     assert unknown.headers['content-type'].startswith('text/html')

@@ -61,6 +61,19 @@ FAILURES_SHOWN = 20
 FORM_BYTES = 4096
 # fields of a form's body parsed at most
 FORM_FIELDS = 10
+# the body of the task page's cancel form, for the OpenAPI document (parsed by _form)
+CANCEL_FORM = {
+    'required': True,
+    'content': {
+        'application/x-www-form-urlencoded': {
+            'schema': {
+                'type': 'object',
+                'properties': {'token': {'type': 'string', 'description': 'MONITOR_TOKEN'}},
+                'required': ['token'],
+            }
+        }
+    },
+}
 CANCEL_STATUS = {
     control.Outcome.cancelled: 200,
     control.Outcome.requested: 202,
@@ -389,6 +402,7 @@ def _add_pages(app: FastAPI, reads: list[Any]) -> None:
         tags=['pages'],
         dependencies=reads,
         responses={401: {'description': 'no valid token in the form (or no MONITOR_TOKEN configured)'}},
+        openapi_extra={'requestBody': CANCEL_FORM},
     )
     async def cancel_from_page(job_id: str, infra: Infra, request: Request) -> HTMLResponse:
         """The task page's cancel form (urlencoded ``token``: MONITOR_TOKEN): the task page again with
