@@ -200,15 +200,15 @@ async def _attempts(infra: Infrastructure, job_id: str) -> Attempts | None:
     return Attempts(job_id=job_id, in_queue=in_queue, attempts=_task_data(found, infra.settings))
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else 'an unknown address'
+
+
 async def _cancel(infra: Infrastructure, job_id: str, request: Request) -> control.Cancel:
     """Cancel ``job_id`` for an authorized caller, logging who asked and the outcome."""
     result = await control.cancel(infra.redis, job_id, CANCEL_WAIT)
     logger.warning('cancel of job %s asked from %s: %s', job_id, _client(request), result.outcome.value)
     return result
-
-
-def _client(request: Request) -> str:
-    return request.client.host if request.client else 'an unknown address'
 
 
 async def _form(request: Request) -> dict[str, list[str]]:

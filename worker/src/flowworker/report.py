@@ -1,8 +1,8 @@
 """The fleet and task records as text tables for a terminal (``flowworker status`` and ``tasks``).
 
 The rows come from :mod:`.fleet` (the monitor's ``/workers`` page shows the same columns, from
-:func:`worker_rows` and friends, and its task pages the rows of :func:`failures_section` and
-:func:`attempts_section`); this module only lays them out.
+:func:`worker_rows` and friends; its recent failures and task pages those of
+:func:`failures_section` and :func:`attempts_section`); this module only lays them out.
 """
 
 from __future__ import annotations
