@@ -4,9 +4,10 @@ Fills ``flow_task_attempts`` with generated rows (default 5 million: 60 days of 
 5 % failed, 1 % cancelled, 4 % with a lost or retrying first attempt and a second one, a few still
 running) in a PostgreSQL with production durability (fsync on), then times what operators and the
 monitor read — ``flowworker status`` and ``/metrics`` (one fleet read), ``flowworker tasks`` and
-``/api/v1/task_queue/tasks`` with each filter — in process and over HTTP from a real ``flowworker
-monitor``, medians of 5; and ``flowworker db prune --older-than 30d`` (rows/s). Target: every read
-under a second at 5 million attempts.
+``/api/v1/task_queue/tasks`` with each filter, the ``/workers`` page's charts of the last hour and
+latest failures, a job's attempts (``/tasks/<job>`` and its API) — in process and over HTTP from a
+real ``flowworker monitor``, medians of 5; and ``flowworker db prune --older-than 30d`` (rows/s).
+Target: every read under a second at 5 million attempts.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ SELECT 'running-' || g, 1, 'flow.1', 'default', 'running', 'host-1-default-1', t
 FROM generate_series(1, 40) AS g, LATERAL (SELECT now() - g * interval '1 minute') AS s(t)
 """
 CHUNK = 500_000
+# a job whose first attempt was lost and whose second succeeded (g % 100 == 97 in FILL)
+RETRIED_JOB = 'gen-97'
 
 
 async def fill(owner_url: str, attempts: int, days: int) -> int:
@@ -100,6 +103,9 @@ async def reads(env: dict[str, str], monitor: MonitorProcess) -> list[tuple[str,
         ('flowworker tasks --status interrupted (none)', lambda: fleet.tasks(engine, status='interrupted')),
         ('flowworker tasks --flow flow.3', lambda: fleet.tasks(engine, flow='flow.3')),
         ('flowworker tasks --older-than 7d', lambda: fleet.tasks(engine, older_than=7 * 86400)),
+        ('the last hour per minute (/workers charts)', lambda: fleet.per_minute(engine)),
+        ('the latest 20 failures (/workers)', lambda: fleet.failures(engine)),
+        (f'the attempts of {RETRIED_JOB}', lambda: fleet.attempts(engine, RETRIED_JOB)),
     ]
     try:
         timed = [(name, await median_seconds(read)) for name, read in cases]
@@ -122,6 +128,8 @@ async def reads(env: dict[str, str], monitor: MonitorProcess) -> list[tuple[str,
             '/api/v1/task_queue/tasks?status=failed',
             '/api/v1/task_queue/queues',
             '/workers',
+            f'/tasks/{RETRIED_JOB}',
+            f'/api/v1/task_queue/tasks/{RETRIED_JOB}',
         ):
             timed.append((f'GET {path}', await median_seconds(get(path))))
     return timed

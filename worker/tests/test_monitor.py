@@ -113,6 +113,10 @@ async def test_the_api_shows_the_known_mix(stack: Stack, monitor: MonitorProcess
         [worker] = (await client.get(f'{API}/workers')).json()['workers']
         queues = (await client.get(f'{API}/queues')).json()
         tasks = (await client.get(f'{API}/tasks')).json()['tasks']
+        running, failed, queued = [
+            (await client.get(f'{API}/tasks/{job_id}')).json()
+            for job_id in (mix.running, mix.failed[0], mix.queued[0])
+        ]
 
         async def job_ids(**params: str) -> list[str]:
             response = await client.get(f'{API}/tasks', params=params)
@@ -158,6 +162,13 @@ async def test_the_api_shows_the_known_mix(stack: Stack, monitor: MonitorProcess
     assert [rate['window'] for rate in queues['rates']] == ['1m', '5m', '15m']
 
     assert sorted(task['job_id'] for task in tasks) == sorted(mix.recorded)
+    assert [(a['attempt'], a['status']) for a in running['attempts']] == [(1, 'running')]
+    assert (running['job_id'], running['in_queue']) == (mix.running, True)
+    assert (failed['in_queue'], failed['attempts'][0]['error']) == (
+        False,
+        'DemoFailure: demo.fail always fails',
+    )
+    assert (queued['in_queue'], queued['attempts']) == (True, [])  # waits behind the running job
     by_id = {task['job_id']: task for task in tasks}
     assert by_id[mix.running]['status'] == 'running'
     assert by_id[mix.running]['finished_at'] is None
@@ -201,8 +212,11 @@ ENDPOINTS = {
     f'{API}/workers': {'get'},
     f'{API}/queues': {'get'},
     f'{API}/tasks': {'get'},
+    f'{API}/tasks/{{job_id}}': {'get'},
     f'{API}/tasks/{{job_id}}/cancel': {'post'},
     '/workers': {'get'},
+    '/tasks/{job_id}': {'get'},
+    '/tasks/{job_id}/cancel': {'post'},
     '/metrics': {'get'},
     '/healthz': {'get'},
 }
@@ -226,8 +240,10 @@ async def test_the_openapi_document_lists_exactly_the_endpoints_and_they_answer(
         for path, methods in document['paths'].items():
             for method in methods:
                 response = await client.request(method, path.replace('{job_id}', 'no-such-job'))
-                # the cancel is refused without a token; everything else answers
-                assert response.status_code == (401 if method == 'post' else 200), (path, response.text)
+                # the cancels are refused without a token, a job that does not exist is not found,
+                # everything else answers
+                expected = 401 if method == 'post' else 404 if '{job_id}' in path else 200
+                assert response.status_code == expected, (path, response.text)
         assert (await client.get('/docs')).status_code == 404  # Swagger UI would load from a CDN
     assert document['info']['title'] == 'flowworker monitor'
     cancel = document['paths'][f'{API}/tasks/{{job_id}}/cancel']['post']
@@ -264,6 +280,33 @@ async def test_cancel_needs_the_token_and_records_the_job_cancelled(
     assert f'cancel of job {mix.running} asked from 127.0.0.1: cancelled' in monitor.output()
 
 
+async def test_the_task_pages_cancel_form_needs_the_token_and_cancels(
+    stack: Stack, monitor: MonitorProcess
+) -> None:
+    mix = await known_mix(stack)
+    page = f'/tasks/{mix.running}'
+    async with monitor.client() as client:
+        shown = await client.get(page)
+        assert shown.status_code == 200
+        assert f'<form class="cancel" method="post" action="{page}/cancel">' in shown.text
+        for form in ({}, {'token': 'wrong-token-0123456789'}, {'token': TOKEN[:-1]}):
+            refused = await client.post(f'{page}/cancel', data=form)
+            assert refused.status_code == 401, form
+            assert refused.headers['content-type'].startswith('text/html')
+            assert f'Job {mix.running} was not cancelled' in refused.text
+        assert (await stack.attempts(mix.running))[-1]['status'] == 'running'
+
+        cancelled = await client.post(f'{page}/cancel', data={'token': TOKEN})
+        assert cancelled.status_code == 200, cancelled.text
+        assert f'job {mix.running} cancelled' in cancelled.text
+        [task] = await stack.wait_final([mix.running])
+        assert (task['status'], task['error']) == ('cancelled', 'aborted')
+        assert 'type="password"' not in (await client.get(page)).text  # nothing left to cancel
+    assert TOKEN not in monitor.output()
+    assert f'cancel of job {mix.running} refused to 127.0.0.1: no valid token' in monitor.output()
+    assert f'cancel of job {mix.running} asked from 127.0.0.1: cancelled' in monitor.output()
+
+
 READS = [
     '/workers',
     '/metrics',
@@ -284,9 +327,10 @@ async def test_with_a_read_token_every_read_needs_it_and_task_data_can_be_left_o
         'MONITOR_READ_TOKEN': READ_TOKEN,
         'MONITOR_SHOW_TASK_DATA': 'false',
     }
+    reads = [*READS, f'/tasks/{mix.failed[0]}', f'{API}/tasks/{mix.failed[0]}']
     with MonitorProcess(env, tmp_path) as process:
         async with process.client() as anonymous, process.client('wrong-token-0123456789') as wrong:
-            for path in READS:
+            for path in reads:
                 for client in (anonymous, wrong):
                     refused = await client.get(path)
                     assert refused.status_code == 401, path
@@ -295,13 +339,22 @@ async def test_with_a_read_token_every_read_needs_it_and_task_data_can_be_left_o
             assert (await anonymous.get('/healthz')).status_code == 200
         basic = httpx.AsyncClient(base_url=process.url, auth=('anyone', READ_TOKEN), timeout=30)
         async with process.client(READ_TOKEN) as reader, process.client(TOKEN) as operator, basic:
-            for path in READS:
+            for path in reads:
                 for client in (reader, operator, basic):
                     assert (await client.get(path)).status_code == 200, path
             tasks = (await reader.get(f'{API}/tasks')).json()['tasks']
             failed = [task for task in tasks if task['job_id'] in mix.failed]
             assert [task['status'] for task in failed] == ['failed', 'failed']
             assert all(task['result'] is None and task['error'] is None for task in tasks)
+            for job_id in (mix.failed[0], mix.succeeded[0]):
+                [attempt] = (await reader.get(f'{API}/tasks/{job_id}')).json()['attempts']
+                assert (attempt['error'], attempt['result']) == (None, None)
+            for path in ('/workers', f'/tasks/{mix.failed[0]}', f'/tasks/{mix.succeeded[0]}'):
+                shown = (await reader.get(path)).text
+                assert mix.failed[0] in shown or mix.succeeded[0] in shown
+                assert 'DemoFailure' not in shown
+                assert '"n": 0' not in shown
+                assert 'hidden (MONITOR_SHOW_TASK_DATA=false)' in shown
             # the read token is not the cancel token
             assert (await reader.post(f'{API}/tasks/{mix.running}/cancel')).status_code == 401
     assert READ_TOKEN not in process.output()
@@ -326,9 +379,16 @@ async def test_without_a_token_configured_cancel_is_refused_to_everyone(
     process = MonitorProcess(env, tmp_path)
     async with process.client(TOKEN) as client:
         response = await client.post(f'{API}/tasks/{job_id}/cancel')
+        page = await client.get(f'/tasks/{job_id}')
+        form = await client.post(f'/tasks/{job_id}/cancel', data={'token': TOKEN})
     assert process.stop() == 0  # SIGTERM
     assert response.status_code == 401
     assert response.json()['detail'] == 'cancel is disabled: the service has no MONITOR_TOKEN'
+    assert page.status_code == 200
+    assert 'queued, not started yet' in page.text
+    assert '<form' not in page.text
+    assert form.status_code == 401
+    assert 'not cancelled: the service has no MONITOR_TOKEN' in form.text
     assert await stack.redis.zcard(QUEUE) == 1
 
 

@@ -27,11 +27,11 @@ async def test_upgrade_twice_is_a_no_op(postgres_server: PostgresServer, databas
     first = flowworker('db', 'upgrade', env={'DATABASE_URL': url})
     second = flowworker('db', 'upgrade', env={'DATABASE_URL': url})
 
-    assert (first.returncode, first.stdout) == (0, 'applied migrations 1, 2\n')
+    assert (first.returncode, first.stdout) == (0, 'applied migrations 1, 2, 3\n')
     assert (second.returncode, second.stdout) == (0, 'schema is up to date\n')
     conn = await asyncpg.connect(url)
     try:
-        assert await conn.fetchval('SELECT count(*) FROM flowworker_schema') == 2
+        assert await conn.fetchval('SELECT count(*) FROM flowworker_schema') == 3
     finally:
         await conn.close()
 
@@ -58,7 +58,7 @@ async def test_a_worker_refuses_a_database_without_the_schema(
 
     assert worker.wait(30) == 2
     assert worker.output() == (
-        'flowworker: error: the database schema is at version 0, this worker needs 2: '
+        'flowworker: error: the database schema is at version 0, this worker needs 3: '
         'run `flowworker db upgrade` as the schema owner\n'
     )
     assert await stack.redis.keys('arq:worker:*') == []

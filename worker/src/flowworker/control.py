@@ -52,6 +52,16 @@ async def _queue_of(redis: ArqRedis, job_id: str) -> str | None:
     return None
 
 
+async def cancellable(redis: ArqRedis, job_id: str, queue: str | None) -> bool:
+    """``job_id`` waits or runs, so cancel may act on it: it has no result yet and is in ``queue``
+    (a queue name, from its task record; None: in whichever queue holds it)."""
+    if await redis.exists(result_key_prefix + job_id):
+        return False
+    if queue is None:
+        return await _queue_of(redis, job_id) is not None
+    return await redis.zscore(QUEUE_KEY_PREFIX + queue, job_id) is not None
+
+
 async def cancel(redis: ArqRedis, job_id: str, wait: float) -> Cancel:
     """Abort ``job_id`` and wait up to ``wait`` seconds for a worker to confirm it."""
     if await redis.exists(result_key_prefix + job_id):

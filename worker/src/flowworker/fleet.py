@@ -9,7 +9,9 @@ serves it as JSON, HTML and Prometheus metrics. It only reads:
   WRONGTYPE), those that exist and those a live worker serves, split by score (the time a job is
   due) and arq's in-progress keys into ready, deferred and in progress, with the age of the
   oldest ready job (what people alert and scale on);
-- rates: the task records (``flow_task_attempts``) finished in the last 1, 5 and 15 minutes.
+- rates: the task records (``flow_task_attempts``) finished in the last 1, 5 and 15 minutes;
+- the last hour minute by minute, the latest failures, and every attempt of one job, from the
+  same records.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from arq.constants import in_progress_key_prefix
 from pydantic import BaseModel, Field, ValidationError, computed_field
 from redis.asyncio import Redis
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import heartbeat
@@ -38,6 +40,8 @@ WINDOWS = {'1m': 60, '5m': 300, '15m': 900}
 # the attempt statuses rates count: a job's end
 RATE_STATUSES = ('succeeded', 'failed', 'cancelled')
 SCAN_COUNT = 500
+# the span of the per-minute counts (the /workers page's charts), in minutes
+MINUTES = 60
 
 
 class Worker(BaseModel):
@@ -104,7 +108,8 @@ class Fleet(BaseModel):
 
 
 class Task(BaseModel):
-    """A job's latest attempt (view ``flow_tasks``)."""
+    """One attempt of a job: :func:`tasks` lists each job's latest (view ``flow_tasks``),
+    :func:`attempts` every attempt of one job."""
 
     job_id: str
     attempt: int
@@ -120,6 +125,14 @@ class Task(BaseModel):
     result: Any = None
 
 
+class Minute(BaseModel):
+    """The attempts that ended in one minute of the last hour."""
+
+    minutes_ago: int = Field(description='0: the last 60 seconds, 1: the 60 before them, ...')
+    succeeded: int
+    failed: int
+
+
 # attempts that ended in each window: a row per window, flow and status (windows in seconds); the
 # longest window is read once, through the finished_at index, and counted for each window
 RATES = text("""
@@ -130,11 +143,25 @@ FROM (SELECT status, finished_at FROM flow_task_attempts
 JOIN unnest(CAST(:windows AS integer[])) AS w(secs) ON a.finished_at > now() - make_interval(secs => w.secs)
 GROUP BY w.secs, a.status
 """)
+# the last hour's ended attempts by minute counted back from now (0: the last 60 s), so that every
+# bucket is a whole minute; read through the finished_at index (a clock ahead of the database's
+# counts as minute 0)
+PER_MINUTE = text("""
+SELECT greatest(floor(extract(epoch FROM now() - finished_at) / 60), 0)::integer AS minutes_ago,
+       count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+       count(*) FILTER (WHERE status = 'failed') AS failed
+FROM flow_task_attempts
+WHERE finished_at > now() - make_interval(mins => CAST(:minutes AS integer))
+  AND status IN ('succeeded', 'failed')
+GROUP BY 1
+""")
+# a Task's columns, from flow_task_attempts
+TASK_COLUMNS = """job_id, attempt, flow, queue, status, worker_id, enqueued_at, started_at, finished_at,
+       extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS runtime, error, result"""
 # jobs whose latest attempt (what the view flow_tasks shows) matches whichever of status, flow and
 # age are given: filtered first, then checked for a later attempt, rather than the whole view built
-TASKS = text("""
-SELECT job_id, attempt, flow, queue, status, worker_id, enqueued_at, started_at, finished_at,
-       extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS runtime, error, result
+TASKS = text(f"""
+SELECT {TASK_COLUMNS}
 FROM flow_task_attempts AS a
 WHERE (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
   AND (CAST(:flow AS text) IS NULL OR flow = CAST(:flow AS text))
@@ -143,7 +170,17 @@ WHERE (CAST(:status AS text) IS NULL OR status = CAST(:status AS text))
   AND NOT EXISTS (SELECT 1 FROM flow_task_attempts AS n WHERE n.job_id = a.job_id AND n.attempt > a.attempt)
 ORDER BY started_at DESC, job_id
 LIMIT :limit
-""")
+""")  # noqa: S608
+# the latest attempts that failed for good, through the partial index flow_task_attempts_failed
+FAILURES = text(f"""
+SELECT {TASK_COLUMNS}
+FROM flow_task_attempts WHERE status = 'failed' ORDER BY finished_at DESC, job_id LIMIT :limit
+""")  # noqa: S608
+# every attempt of one job, through the primary key
+ATTEMPTS = text(f"""
+SELECT {TASK_COLUMNS}
+FROM flow_task_attempts WHERE job_id = :job_id ORDER BY attempt
+""")  # noqa: S608
 
 
 async def _scan(redis: Redis, pattern: str, type_: str | None = None) -> list[str]:
@@ -291,6 +328,30 @@ async def tasks(
 ) -> list[Task]:
     """Jobs (their latest attempt), newest first; ``older_than``: started more than that many seconds ago."""
     params = {'status': status, 'flow': flow, 'older_than': older_than, 'limit': limit}
+    return await _read_tasks(engine, TASKS, params)
+
+
+async def _read_tasks(engine: AsyncEngine, query: TextClause, params: dict[str, Any]) -> list[Task]:
     async with engine.connect() as conn:
-        rows = (await conn.execute(TASKS, params)).mappings().all()
+        rows = (await conn.execute(query, params)).mappings().all()
     return [Task(**row) for row in rows]
+
+
+async def failures(engine: AsyncEngine, limit: int = 20) -> list[Task]:
+    """The latest attempts that failed for good, newest first."""
+    return await _read_tasks(engine, FAILURES, {'limit': limit})
+
+
+async def attempts(engine: AsyncEngine, job_id: str) -> list[Task]:
+    """Every attempt of ``job_id``, first first (none: the job has no record)."""
+    return await _read_tasks(engine, ATTEMPTS, {'job_id': job_id})
+
+
+async def per_minute(engine: AsyncEngine) -> list[Minute]:
+    """The attempts that succeeded and failed in each of the last :data:`MINUTES` minutes, oldest first."""
+    async with engine.connect() as conn:
+        rows = (await conn.execute(PER_MINUTE, {'minutes': MINUTES})).mappings().all()
+    found = {minute.minutes_ago: minute for minute in (Minute(**row) for row in rows)}
+    return [
+        found.get(ago, Minute(minutes_ago=ago, succeeded=0, failed=0)) for ago in reversed(range(MINUTES))
+    ]

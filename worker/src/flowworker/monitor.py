@@ -1,12 +1,16 @@
 """The monitoring service (``flowworker monitor``): the fleet over HTTP, for people and Prometheus.
 
 Needs the ``monitor`` extra (FastAPI, uvicorn, prometheus-client, Jinja2); workers do not. Every
-view is computed by :mod:`.fleet`, as ``flowworker status`` is; the only change the service makes
-is cancelling a job, and only for a caller with the bearer token ``MONITOR_TOKEN`` (each cancel is
-logged with the client's address). With ``MONITOR_READ_TOKEN`` every read but ``/healthz`` needs
-that token (or ``MONITOR_TOKEN``) as a bearer token or as the password of HTTP basic auth, which a
-browser asks for; ``MONITOR_SHOW_TASK_DATA=false`` leaves the tasks' results and errors out. Every
-response carries security headers (:data:`SECURITY_HEADERS`).
+view is computed by :mod:`.fleet`, as ``flowworker status`` is. The pages are HTML rendered here,
+with no script and nothing loaded from elsewhere: ``/workers`` (the fleet, charts of the last hour
+drawn as inline SVG by :mod:`.charts`, the latest failures) and ``/tasks/{job_id}`` (every attempt
+of one job). The only change the service makes is cancelling a job, and only for a caller with the
+token ``MONITOR_TOKEN``: as a bearer token to the API, or typed into the task page's cancel form
+(each cancel is logged with the client's address). With ``MONITOR_READ_TOKEN`` every read but
+``/healthz`` needs that token (or ``MONITOR_TOKEN``) as a bearer token or as the password of HTTP
+basic auth, which a browser asks for; ``MONITOR_SHOW_TASK_DATA=false`` leaves the tasks' results
+and errors out of the API and the pages. Every response carries security headers
+(:data:`SECURITY_HEADERS`).
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ import contextlib
 import logging
 import secrets
 from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
 from typing import Annotated, Any
+from urllib.parse import parse_qs, quote
 
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
@@ -25,12 +31,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBasic, HTTPBasicC
 from jinja2 import Environment, PackageLoader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, Field, SecretStr
 from redis.exceptions import RedisError
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from . import control, fleet, report
+from . import charts, control, fleet, report
 from .infrastructure import REDIS_ERRORS, Infrastructure, describe_error
 from .operations import connected, unreachable
 from .schema import Status
@@ -49,6 +55,25 @@ CONNECT_RETRIES = 30
 CANCEL_WAIT = 10.0
 # seconds between reloads of the /workers page
 PAGE_REFRESH = 5
+# the failed attempts the /workers page lists
+FAILURES_SHOWN = 20
+# bytes of a form's body read at most (the cancel form sends one short field)
+FORM_BYTES = 4096
+# fields of a form's body parsed at most
+FORM_FIELDS = 10
+# the body of the task page's cancel form, for the OpenAPI document (parsed by _form)
+CANCEL_FORM = {
+    'required': True,
+    'content': {
+        'application/x-www-form-urlencoded': {
+            'schema': {
+                'type': 'object',
+                'properties': {'token': {'type': 'string', 'description': 'MONITOR_TOKEN'}},
+                'required': ['token'],
+            }
+        }
+    },
+}
 CANCEL_STATUS = {
     control.Outcome.cancelled: 200,
     control.Outcome.requested: 202,
@@ -57,9 +82,10 @@ CANCEL_STATUS = {
 }
 
 SECURITY_HEADERS = {
-    # the page has its styles inline and nothing else; nothing may frame it
+    # the pages have their styles inline and nothing else, and post forms only to this service;
+    # nothing may frame them
     'Content-Security-Policy': "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; "
-    "base-uri 'none'; form-action 'none'",
+    "base-uri 'none'; form-action 'self'",
     'X-Content-Type-Options': 'nosniff',
     'X-Frame-Options': 'DENY',
     'Referrer-Policy': 'no-referrer',
@@ -82,6 +108,12 @@ class Queues(BaseModel):
 
 class Tasks(BaseModel):
     tasks: list[fleet.Task]
+
+
+class Attempts(BaseModel):
+    job_id: str
+    in_queue: bool = Field(description='waiting, deferred or running in its arq queue: it can be cancelled')
+    attempts: list[fleet.Task] = Field(description='every attempt recorded, the first first')
 
 
 class Cancelled(BaseModel):
@@ -145,6 +177,60 @@ def _authorized(
     else:
         detail = 'the bearer token is wrong'
     raise HTTPException(401, detail, headers={'WWW-Authenticate': 'Bearer'})
+
+
+def _task_data(found: list[fleet.Task], settings: Settings) -> list[fleet.Task]:
+    """``found``, less the results and errors where MONITOR_SHOW_TASK_DATA is false."""
+    if settings.monitor_show_task_data:
+        return found
+    return [task.model_copy(update={'result': None, 'error': None}) for task in found]
+
+
+def task_page(job_id: str) -> str:
+    """The path of ``job_id``'s page."""
+    return f'/tasks/{quote(job_id, safe="")}'
+
+
+async def _attempts(infra: Infrastructure, job_id: str) -> Attempts | None:
+    """``job_id``'s attempts and whether it is in a queue; None when neither is (an unknown job)."""
+    found = await fleet.attempts(infra.engine, job_id)
+    in_queue = await control.cancellable(infra.redis, job_id, found[-1].queue if found else None)
+    if not found and not in_queue:
+        return None
+    return Attempts(job_id=job_id, in_queue=in_queue, attempts=_task_data(found, infra.settings))
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else 'an unknown address'
+
+
+async def _cancel(infra: Infrastructure, job_id: str, request: Request) -> control.Cancel:
+    """Cancel ``job_id`` for an authorized caller, logging who asked and the outcome."""
+    result = await control.cancel(infra.redis, job_id, CANCEL_WAIT)
+    logger.warning('cancel of job %s asked from %s: %s', job_id, _client(request), result.outcome.value)
+    return result
+
+
+async def _form(request: Request) -> dict[str, list[str]]:
+    """The urlencoded fields of the request's body (at most :data:`FORM_BYTES`)."""
+    body = b''
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > FORM_BYTES:
+            raise HTTPException(413, f'a form is at most {FORM_BYTES} bytes')
+    try:
+        return parse_qs(body.decode(errors='replace'), keep_blank_values=True, max_num_fields=FORM_FIELDS)
+    except ValueError as e:
+        raise HTTPException(400, f'the form: {e}') from None
+
+
+def _page(name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    html = pages.get_template(name).render(report=report, version=VERSION, **context)
+    return HTMLResponse(html, status_code=status)
+
+
+def _message(status: int, title: str, message: str) -> HTMLResponse:
+    return _page('message.html', status, title=title, message=message)
 
 
 async def check_health(infra: Infrastructure) -> dict[str, str]:
@@ -235,6 +321,91 @@ async def _unreachable(request: Request, e: Exception) -> JSONResponse:
     return JSONResponse({'detail': detail}, status_code=503)
 
 
+async def _render_task(
+    infra: Infrastructure, job_id: str, status: int = 200, notice: str = ''
+) -> HTMLResponse:
+    """The page of ``job_id`` (404: an unknown job), with ``notice`` above its attempts."""
+    found = await _attempts(infra, job_id)
+    if found is None:
+        return _message(404, 'No such job', f'Job {job_id} has no attempt recorded and is not queued.')
+    return _page(
+        'task.html',
+        status,
+        job_id=job_id,
+        at=datetime.now(UTC),
+        latest=found.attempts[-1] if found.attempts else None,
+        attempts=report.attempts_section(found.attempts, infra.settings.monitor_show_task_data),
+        show_task_data=infra.settings.monitor_show_task_data,
+        cancel_form=found.in_queue and infra.settings.monitor_token is not None,
+        task_page=task_page(job_id),
+        notice=notice,
+    )
+
+
+def _hour_charts(minutes: list[fleet.Minute]) -> list[charts.Chart]:
+    """Throughput (attempts that succeeded) and failures (failed for good) per minute."""
+    return [
+        charts.minute_chart(
+            'succeeded', 'Throughput', 'succeeded', [(m.minutes_ago, m.succeeded) for m in minutes]
+        ),
+        charts.minute_chart('failed', 'Failures', 'failed', [(m.minutes_ago, m.failed) for m in minutes]),
+    ]
+
+
+def _add_pages(app: FastAPI, reads: list[Any]) -> None:
+    """The HTML pages: /workers, a job's page and its cancel form."""
+
+    @app.get('/workers', response_class=HTMLResponse, tags=['pages'], dependencies=reads)
+    async def workers_page(infra: Infra) -> HTMLResponse:
+        """The fleet, its queues and rates, the last hour's charts and the latest failures, as a page
+        that reloads itself."""
+        found = await fleet.fleet(infra.redis, infra.engine)
+        minutes = await fleet.per_minute(infra.engine)
+        failed = _task_data(await fleet.failures(infra.engine, FAILURES_SHOWN), infra.settings)
+        show = infra.settings.monitor_show_task_data
+        return _page(
+            'workers.html',
+            fleet=found,
+            charts=charts,
+            hour=_hour_charts(minutes),
+            failures=report.failures_section(failed, show, tuple(task_page(t.job_id) for t in failed)),
+            show_task_data=show,
+            refresh=PAGE_REFRESH,
+        )
+
+    @app.get(
+        '/tasks/{job_id}',
+        response_class=HTMLResponse,
+        tags=['pages'],
+        dependencies=reads,
+        responses={404: {'description': 'an unknown job'}},
+    )
+    async def task_view(job_id: str, infra: Infra) -> HTMLResponse:
+        """One job: every attempt, and a form to cancel it while it is queued or running."""
+        return await _render_task(infra, job_id)
+
+    @app.post(
+        '/tasks/{job_id}/cancel',
+        response_class=HTMLResponse,
+        tags=['pages'],
+        dependencies=reads,
+        responses={401: {'description': 'no valid token in the form (or no MONITOR_TOKEN configured)'}},
+        openapi_extra={'requestBody': CANCEL_FORM},
+    )
+    async def cancel_from_page(job_id: str, infra: Infra, request: Request) -> HTMLResponse:
+        """The task page's cancel form (urlencoded ``token``: MONITOR_TOKEN): the task page again with
+        the outcome, its status as the API's."""
+        given = (await _form(request)).get('token', [''])[0]
+        if not _matches(given, infra.settings.monitor_token):
+            logger.warning('cancel of job %s refused to %s: no valid token', job_id, _client(request))
+            reason = (
+                'the token is wrong' if infra.settings.monitor_token else 'the service has no MONITOR_TOKEN'
+            )
+            return _message(401, 'Not cancelled', f'Job {job_id} was not cancelled: {reason}.')
+        result = await _cancel(infra, job_id, request)
+        return await _render_task(infra, job_id, CANCEL_STATUS[result.outcome], result.detail)
+
+
 def create_app(infra: Infrastructure) -> FastAPI:
     app = FastAPI(
         title='flowworker monitor',
@@ -287,9 +458,20 @@ def create_app(infra: Infrastructure) -> FastAPI:
         except ValueError as e:
             raise HTTPException(422, f'older_than: {e}') from None
         found = await fleet.tasks(infra.engine, status=status, flow=flow, older_than=age, limit=limit)
-        if not infra.settings.monitor_show_task_data:
-            found = [task.model_copy(update={'result': None, 'error': None}) for task in found]
-        return Tasks(tasks=found)
+        return Tasks(tasks=_task_data(found, infra.settings))
+
+    @app.get(
+        f'{API}/tasks/{{job_id}}',
+        tags=['task queue'],
+        dependencies=reads,
+        responses={404: {'description': 'no attempt recorded and not in a queue'}},
+    )
+    async def get_task(job_id: str, infra: Infra) -> Attempts:
+        """Every attempt of one job, the first first, and whether it is in its queue."""
+        found = await _attempts(infra, job_id)
+        if found is None:
+            raise HTTPException(404, f'job {job_id} has no attempt recorded and is not queued')
+        return found
 
     @app.post(
         f'{API}/tasks/{{job_id}}/cancel',
@@ -305,19 +487,11 @@ def create_app(infra: Infrastructure) -> FastAPI:
     )
     async def cancel_task(job_id: str, infra: Infra, request: Request) -> JSONResponse:
         """Abort a queued or running job (arq abort); its worker records it ``cancelled``."""
-        result = await control.cancel(infra.redis, job_id, CANCEL_WAIT)
-        client = request.client.host if request.client else 'an unknown address'
-        logger.warning('cancel of job %s asked from %s: %s', job_id, client, result.outcome.value)
+        result = await _cancel(infra, job_id, request)
         body = Cancelled(job_id=job_id, outcome=result.outcome, detail=result.detail)
         return JSONResponse(body.model_dump(mode='json'), status_code=CANCEL_STATUS[result.outcome])
 
-    @app.get('/workers', response_class=HTMLResponse, tags=['pages'], dependencies=reads)
-    async def workers_page(infra: Infra) -> str:
-        """The fleet, its queues and rates as a page that reloads itself."""
-        found = await fleet.fleet(infra.redis, infra.engine)
-        return pages.get_template('workers.html').render(
-            fleet=found, report=report, refresh=PAGE_REFRESH, version=VERSION
-        )
+    _add_pages(app, reads)
 
     @app.get('/metrics', response_class=Response, tags=['metrics'], dependencies=reads)
     async def metrics(infra: Infra) -> Response:

@@ -1,13 +1,16 @@
 """The fleet and task records as text tables for a terminal (``flowworker status`` and ``tasks``).
 
 The rows come from :mod:`.fleet` (the monitor's ``/workers`` page shows the same columns, from
-:func:`worker_rows` and friends); this module only lays them out.
+:func:`worker_rows` and friends; its recent failures and task pages those of
+:func:`failures_section` and :func:`attempts_section`); this module only lays them out.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from .fleet import Fleet, Queue, Rate, Task, Worker
 
@@ -15,7 +18,24 @@ WORKER_COLUMNS = ('worker', 'host', 'queue', 'state', 'running', 'completed', 'f
 QUEUE_COLUMNS = ('queue', 'length', 'ready', 'oldest ready', 'deferred', 'running', 'workers')
 RATE_COLUMNS = ('window', 'succeeded', 'failed', 'cancelled', 'completion rate', 'failure rate')
 TASK_COLUMNS = ('job id', 'flow', 'status', 'attempt', 'worker', 'started', 'runtime', 'error')
+FAILURE_COLUMNS = ('job id', 'flow', 'error', 'worker', 'failed at')
+ATTEMPT_COLUMNS = (
+    'attempt',
+    'status',
+    'worker',
+    'enqueued',
+    'started',
+    'finished',
+    'duration',
+    'error',
+    'result',
+)
+# the columns of task data, which MONITOR_SHOW_TASK_DATA=false leaves out
+DATA_COLUMNS = ('error', 'result')
 ERROR_WIDTH = 60
+# characters of a result the task page shows (the API has it whole)
+RESULT_WIDTH = 2000
+TIME_FORMAT = '%Y-%m-%d %H:%M:%S'
 
 
 def age(seconds: float) -> str:
@@ -65,19 +85,48 @@ def rate_row(rate: Rate) -> tuple[str, ...]:
     )
 
 
+def shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + '…'
+
+
+def error_line(error: str | None) -> str:
+    """The first line of ``error``, at most :data:`ERROR_WIDTH` characters."""
+    return shorten(error.splitlines()[0], ERROR_WIDTH) if error else ''
+
+
+def when(at: datetime | None) -> str:
+    return '-' if at is None else at.strftime(TIME_FORMAT)
+
+
 def task_row(task: Task) -> tuple[str, ...]:
-    error = (task.error or '').splitlines()[0] if task.error else ''
-    if len(error) > ERROR_WIDTH:
-        error = error[: ERROR_WIDTH - 1] + '…'
     return (
         task.job_id,
         task.flow,
         task.status,
         str(task.attempt),
         task.worker_id,
-        task.started_at.strftime('%Y-%m-%d %H:%M:%S'),
+        when(task.started_at),
         age(task.runtime),
-        error,
+        error_line(task.error),
+    )
+
+
+def failure_row(task: Task) -> tuple[str, ...]:
+    return (task.job_id, task.flow, error_line(task.error), task.worker_id, when(task.finished_at))
+
+
+def attempt_row(task: Task) -> tuple[str, ...]:
+    result = '' if task.result is None else shorten(json.dumps(task.result, ensure_ascii=False), RESULT_WIDTH)
+    return (
+        str(task.attempt),
+        task.status,
+        task.worker_id,
+        when(task.enqueued_at),
+        when(task.started_at),
+        when(task.finished_at),
+        age(task.runtime) if task.finished_at else f'{age(task.runtime)} so far',
+        task.error or '',
+        result,
     )
 
 
@@ -105,6 +154,8 @@ class Section:
     columns: tuple[str, ...]
     rows: list[tuple[str, ...]]
     empty: str
+    # on a web page, where each row's first cell links to (empty: nowhere)
+    links: tuple[str, ...] = ()
 
 
 def sections(fleet: Fleet) -> list[Section]:
@@ -119,6 +170,26 @@ def sections(fleet: Fleet) -> list[Section]:
         Section('queues', 'Queues', QUEUE_COLUMNS, [queue_row(q) for q in fleet.queues], 'no queues'),
         Section('rates', 'Tasks ended', RATE_COLUMNS, [rate_row(r) for r in fleet.rates], 'no tasks'),
     ]
+
+
+def _without_data(
+    columns: tuple[str, ...], rows: list[tuple[str, ...]], show_data: bool
+) -> tuple[tuple[str, ...], list[tuple[str, ...]]]:
+    """``columns`` and ``rows`` less the :data:`DATA_COLUMNS` unless ``show_data``."""
+    if show_data:
+        return columns, rows
+    keep = [i for i, column in enumerate(columns) if column not in DATA_COLUMNS]
+    return tuple(columns[i] for i in keep), [tuple(row[i] for i in keep) for row in rows]
+
+
+def failures_section(found: list[Task], show_data: bool, links: tuple[str, ...] = ()) -> Section:
+    columns, rows = _without_data(FAILURE_COLUMNS, [failure_row(t) for t in found], show_data)
+    return Section('failures', 'Recent failures', columns, rows, 'no failed tasks', links)
+
+
+def attempts_section(found: list[Task], show_data: bool) -> Section:
+    columns, rows = _without_data(ATTEMPT_COLUMNS, [attempt_row(t) for t in found], show_data)
+    return Section('attempts', f'Attempts ({len(found)})', columns, rows, 'no attempt recorded yet')
 
 
 def status(fleet: Fleet) -> str:

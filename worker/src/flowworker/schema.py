@@ -50,6 +50,15 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
     ),
     # `flowworker tasks` and the API list the newest first: without it each list sorts the table
     (2, ('CREATE INDEX flow_task_attempts_started_at ON flow_task_attempts (started_at)',)),
+    # the monitor's latest failures: without it a fleet that seldom fails walks the whole
+    # finished_at index for them; it holds the failed attempts only
+    (
+        3,
+        (
+            'CREATE INDEX flow_task_attempts_failed ON flow_task_attempts (finished_at) '
+            "WHERE status = 'failed'",
+        ),
+    ),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 _LOCK_ID = 0x666C6F77  # pg_advisory_xact_lock key: 'flow'
