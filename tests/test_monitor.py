@@ -107,13 +107,26 @@ def test_a_short_token_fails_before_any_host_changes(deployed: Lab, tmp_path: Pa
 PROMETHEUS = shutil.which('prometheus')
 PROMETHEUS_DIR = '/tmp/prometheus-test'
 PROMETHEUS_API = 'http://127.0.0.1:9090/api/v1/'
+MONITORING = ROOT / 'monitoring'
+
+
+def prometheus_api(path: str) -> dict[str, Any]:
+    """The data of a successful answer of the Prometheus running on the lab's Prometheus host
+    (an error answer fails the test with its message)."""
+    read = (
+        'import sys, urllib.error, urllib.request\n'
+        'try: print(urllib.request.urlopen(sys.argv[1], timeout=10).read().decode())\n'
+        'except urllib.error.HTTPError as e: print(e.read().decode())'
+    )
+    answer = json.loads(podman_exec(PROMETHEUS_HOST, 'python3', '-c', read, PROMETHEUS_API + path))
+    assert answer['status'] == 'success', (path, answer)
+    data: dict[str, Any] = answer['data']
+    return data
 
 
 def prometheus_query(query: str) -> list[dict[str, Any]]:
-    """The result of an instant query to the Prometheus running on the lab's Prometheus host."""
-    url = PROMETHEUS_API + 'query?' + urllib.parse.urlencode({'query': query})
-    read = f'import urllib.request; print(urllib.request.urlopen({url!r}, timeout=10).read().decode())'
-    result: list[dict[str, Any]] = json.loads(podman_exec(PROMETHEUS_HOST, 'python3', '-c', read))['data'][
+    """The result of an instant query."""
+    result: list[dict[str, Any]] = prometheus_api('query?' + urllib.parse.urlencode({'query': query}))[
         'result'
     ]
     return result
@@ -121,21 +134,31 @@ def prometheus_query(query: str) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def prometheus(deployed: Lab) -> Iterator[None]:
-    """Debian's Prometheus on the lab's Prometheus host, scraping every second with the shipped
-    flowworker-workers job (its file_sd_configs read what the roles wrote)."""
+    """Debian's Prometheus on the lab's Prometheus host, scraping every second with the jobs of
+    monitoring/prometheus.yml: flowworker-workers as shipped (its file_sd_configs read what the
+    roles wrote), flowworker-monitor at the lab's monitor with its read token; and the alert rules."""
     if PROMETHEUS is None:
         pytest.fail("Debian's prometheus is not installed (make bootstrap installs it)")
-    shipped = yaml.safe_load((ROOT / 'monitoring' / 'prometheus.yml').read_text())
-    [job] = [job for job in shipped['scrape_configs'] if job['job_name'] == 'flowworker-workers']
-    config = {'global': {'scrape_interval': '1s'}, 'scrape_configs': [job]}
+    shipped = yaml.safe_load((MONITORING / 'prometheus.yml').read_text())
+    jobs = {job['job_name']: job for job in shipped['scrape_configs']}
+    jobs['flowworker-monitor']['static_configs'] = [{'targets': [f'{PROMETHEUS_HOST}:8080']}]
+    jobs['flowworker-monitor']['authorization']['credentials_file'] = f'{PROMETHEUS_DIR}/monitor-token'
+    files = {
+        'prometheus.yml': yaml.safe_dump(
+            {**shipped, 'global': {'scrape_interval': '1s', 'evaluation_interval': '1s'}}
+        ),
+        'alerts.yml': (MONITORING / 'alerts.yml').read_text(),
+        'monitor-token': READ_TOKEN,
+    }
     subprocess.run(['podman', 'cp', PROMETHEUS, f'{PROMETHEUS_HOST}:/usr/local/bin/prometheus'], check=True)
     podman_exec(PROMETHEUS_HOST, 'mkdir', '-p', PROMETHEUS_DIR)
-    subprocess.run(
-        ['podman', 'exec', '-i', PROMETHEUS_HOST, 'sh', '-c', f'cat > {PROMETHEUS_DIR}/prometheus.yml'],
-        input=yaml.safe_dump(config),
-        text=True,
-        check=True,
-    )
+    for name, content in files.items():
+        subprocess.run(
+            ['podman', 'exec', '-i', PROMETHEUS_HOST, 'sh', '-c', f'cat > {PROMETHEUS_DIR}/{name}'],
+            input=content,
+            text=True,
+            check=True,
+        )
     subprocess.run(
         [
             'podman', 'exec', '-d', PROMETHEUS_HOST, '/usr/local/bin/prometheus',
@@ -158,30 +181,46 @@ def test_prometheus_scrapes_every_worker_process_by_the_targets_the_roles_wrote(
     expected = {f'{host}:{METRICS_PORT + n}' for host, count in WORKERS.items() for n in range(1, count + 1)}
     written = {target for host in WORKERS for entry in scrape_targets(host) for target in entry['targets']}
     assert written == expected
+    targets = {f'{PROMETHEUS_HOST}:8080': 'flowworker-monitor'} | dict.fromkeys(
+        expected, 'flowworker-workers'
+    )
 
     deadline = time.monotonic() + 60
-    up: dict[str, str] = {}
+    up: dict[str, tuple[str, str]] = {}
     while time.monotonic() < deadline:
         try:
             up = {
-                s['metric']['instance']: s['value'][1]
-                for s in prometheus_query('up{job="flowworker-workers"}')
+                s['metric']['instance']: (s['metric']['job'], s['value'][1]) for s in prometheus_query('up')
             }
         except (subprocess.CalledProcessError, json.JSONDecodeError):
             up = {}  # Prometheus still starting
-        if up == dict.fromkeys(expected, '1'):
+        if up == {instance: (job, '1') for instance, job in targets.items()}:
             break
         time.sleep(1)
-    assert up == dict.fromkeys(expected, '1')
+    assert up == {instance: (job, '1') for instance, job in targets.items()}
 
-    # each process's own series, labelled by its instance and by the labels its target carries
-    series = {s['metric']['instance']: s for s in prometheus_query('flowworker_max_jobs')}
-    assert set(series) == expected
+    # each process says who it is: the port of instance N of a host is that host's arq-worker@N
+    info = {s['metric']['instance']: s['metric'] for s in prometheus_query('flowworker_worker_info')}
+    assert set(info) == expected
     beats = deployed.heartbeats()
-    for instance, sample in series.items():
+    for instance, labels in info.items():
         host, port = instance.split(':')
         n = int(port) - METRICS_PORT
-        assert sample['metric']['host'] == host
-        assert sample['metric']['unit'] == f'arq-worker@{n}.service'
-        assert sample['metric']['worker_id'] == f'{host}:arq-worker@{n}'
-        assert sample['value'][1] == str(beats[f'arq:worker:{host}:arq-worker@{n}']['max_jobs'])
+        assert (labels['host'], labels['unit']) == (host, f'arq-worker@{n}.service')
+        assert labels['worker_id'] == f'{host}:arq-worker@{n}'
+        assert f'arq:worker:{labels["worker_id"]}' in beats
+    max_jobs = {s['metric']['instance']: s['value'][1] for s in prometheus_query('flowworker_max_jobs')}
+    assert max_jobs == {i: str(beats[f'arq:worker:{info[i]["worker_id"]}']['max_jobs']) for i in expected}
+
+    # every query of the dashboard and every alert rule evaluates against the real series
+    dashboard = json.loads((MONITORING / 'dashboard.json').read_text())
+    for panel in dashboard['panels']:
+        for target in panel['targets']:
+            # an answer other than success fails in prometheus_api, naming the query
+            prometheus_query(target['expr'].replace('$queue', '.*').replace('$__rate_interval', '1m'))
+    assert prometheus_query('sum(flowworker_queue_length)'), 'the monitor is scraped'
+    shipped = yaml.safe_load((MONITORING / 'alerts.yml').read_text())
+    loaded = prometheus_api('rules')['groups']
+    assert [(rule['name'], rule['health']) for group in loaded for rule in group['rules']] == [
+        (rule['alert'], 'ok') for group in shipped['groups'] for rule in group['rules']
+    ], loaded

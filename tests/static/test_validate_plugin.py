@@ -63,7 +63,6 @@ def args(**changes: Any) -> dict[str, Any]:
         'db_upgrade_host': 'worker-1',
         'inventory_hosts': ['worker-1', 'worker-2'],
         'inventory_hostname': 'worker-2',
-        'host_id': 'worker-2',
         'metrics_port': 9300,
         'metrics_address': '127.0.0.1',
         'metrics_scrape_address': 'worker-2.example.internal',
@@ -120,13 +119,7 @@ def test_each_pool_has_a_range_of_metrics_ports_and_each_instance_a_target(manag
         ['worker-2.example.internal:9402'],
         ['worker-2.example.internal:10001'],
     ]
-    assert targets[2]['labels'] == {
-        'host': 'worker-2',
-        'pool': 'io',
-        'queue': 'io',
-        'unit': unit,
-        'worker_id': f'worker-2:{unit.rsplit(":", maxsplit=1)[-1].removesuffix(".service")}',
-    }
+    assert targets[2]['labels'] == {'host': 'worker-2', 'pool': 'io', 'unit': unit}
     assert validate.scrape_targets(derive(args(metrics_port=0)), args(metrics_port=0)) == []
     ipv6 = args(metrics_scrape_address='fd00::7', pools=[{'name': 'default', 'instances': 1}])
     assert validate.scrape_targets(derive(ipv6), ipv6)[0]['targets'] == ['[fd00::7]:9301']

@@ -104,13 +104,9 @@ def scrape_targets(derived: list[dict], args: dict[str, Any]) -> list[dict[str, 
     return [
         {
             'targets': [f'{address}:{pool["metrics_port"] + instance.number}'],
-            'labels': {
-                'host': args['inventory_hostname'],
-                'pool': pool['name'],
-                'queue': pool['queue'],
-                'unit': instance.target,
-                'worker_id': instance.worker_id(args['host_id']),
-            },
+            # none of the labels the processes' own series carry (queue, flow, status, worker_id):
+            # Prometheus would rename those to exported_*
+            'labels': {'host': args['inventory_hostname'], 'pool': pool['name'], 'unit': instance.target},
         }
         for pool in derived
         if pool['metrics_port'] > 0
