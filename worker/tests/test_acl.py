@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from flowworker.acl import acl_rules
 
@@ -78,3 +78,18 @@ def test_an_unknown_role_is_refused_naming_the_roles() -> None:
     with pytest.raises(ValueError, match='worker, monitor, admin'):
         acl_rules('producer')
     assert acl_rules('admin') == '~* &* +@all'
+
+
+async def test_the_worker_user_runs_loaded_scripts_with_its_own_key_rights(redis_server: RedisServer) -> None:
+    worker = Redis.from_url(redis_server.worker_url)
+    try:
+        # EVALSHA after SCRIPT LOAD, as batches.py does; EVAL stays refused (REFUSED above)
+        # by name, as batches.py reaches each job's keys
+        touch = worker.register_script("return redis.call('SET', ARGV[1], '1')")
+        assert await touch(args=['arq:acl-test']) == b'OK'
+        assert await worker.delete('arq:acl-test') == 1
+        # a script reaches no key its caller could not: the rules hold inside it too
+        with pytest.raises(ResponseError, match="can't access at least one of the keys"):
+            await touch(args=['outside'])
+    finally:
+        await worker.aclose()

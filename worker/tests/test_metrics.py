@@ -175,4 +175,7 @@ async def test_a_worker_counts_the_connections_it_lost_and_made_anew(
     # and the jobs after them were recorded through the new connections
     more = [await stack.enqueue('demo.echo', {'n': n}) for n in range(3)]
     assert {t['status'] for t in await stack.wait_final(more)} == {'succeeded'}
-    assert reconnects(await scrape(port)) == (redis, 2)
+    # (a poll and a batch of job ends may run at once, each on a pool connection: a burst may
+    # reach, and re-make, one more of the killed ones)
+    later, database = reconnects(await scrape(port))
+    assert (redis <= later <= killed, database) == (True, 2)

@@ -9,7 +9,11 @@ so a command the rules leave out fails a test, not a fleet.
   records waiting for the database, the wake-up's probe); the keyspace events of the queues and
   of the probe (the wake-up subscribes to them); reads, writes, transactions. No command of
   ``@dangerous`` or ``@admin`` (FLUSHALL, FLUSHDB, KEYS, CONFIG, SHUTDOWN, DEBUG, MODULE, ACL,
-  ...) and no script (EVAL): only INFO, which arq logs when a worker starts.
+  ...), only INFO, which arq logs when a worker starts; and flowworker's own scripts, by
+  EVALSHA after SCRIPT LOAD (``batches.py``: a poll claims several jobs, and their ends are
+  written together, in one round trip each). A script runs with the permissions of the user that
+  calls it (its commands and keys are checked as if sent one by one), so this lets a worker do
+  nothing it could not do before, only do it atomically; EVAL of script text stays refused.
 - ``monitor``: arq's keys, reads and writes (a cancel, a purge), no channel, no dangerous command.
 - ``admin``: everything, for operators (``redis-cli --user admin --askpass KEYS 'arq:worker:*'``).
 """
@@ -34,6 +38,8 @@ RULES: dict[str, tuple[str, ...]] = {
         '+@pubsub',
         *_NO_DANGER,
         '+info',
+        '+evalsha',
+        '+script|load',
     ),
     'monitor': ('resetkeys', '~arq:*', 'resetchannels', *_DATA, *_NO_DANGER),
     'admin': ('~*', '&*', '+@all'),

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 
-from .infrastructure import REDIS_ERRORS, describe_error
+from .infrastructure import REDIS_ERRORS, REDIS_REFUSALS, describe_error
 from .settings import Settings
 from .version import VERSION
 
@@ -97,7 +97,7 @@ class Heartbeat:
         while True:
             try:
                 await self.beat()
-            except REDIS_ERRORS as e:
+            except (*REDIS_ERRORS, *REDIS_REFUSALS) as e:
                 logger.warning('cannot write heartbeat %s: %s', self._key, describe_error(e))
             self._now.clear()
             with contextlib.suppress(TimeoutError):

@@ -19,6 +19,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .settings import Settings, load_settings
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
     from sqlalchemy.pool import ConnectionPoolEntry
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Redis answers but refuses writes for now (out of memory, a read-only replica): wait and try again
+REDIS_REFUSALS = (OutOfMemoryError, ReadOnlyError)
 DATABASE_CONNECT_TIMEOUT = 10
 DATABASE_COMMAND_TIMEOUT = 30
 

@@ -19,17 +19,21 @@ import logging
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from arq import Worker
-from arq.constants import in_progress_key_prefix
-from arq.jobs import deserialize_result
-from arq.worker import func
+from arq import Retry, Worker
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, retry_key_prefix
+from arq.jobs import SerializationError, deserialize_job_raw, serialize_result
+from arq.utils import ms_to_datetime, timestamp_ms
+from arq.worker import Function, JobExecutionFailed, RetryJob, func
 
+from .batches import RETRY_KEY_TTL, Claimed, Claimer, Ending, Finisher
 from .heartbeat import TTL_INTERVALS, Heartbeat, JobCounts, heartbeat_key
 from .infrastructure import (
     REDIS_ERRORS,
+    REDIS_REFUSALS,
     Infrastructure,
     backoff,
     count_database_reconnects,
@@ -38,7 +42,7 @@ from .infrastructure import (
 )
 from .metrics import WorkerMetrics
 from .registry import Registry
-from .runner import Runner, outcome, run_flow
+from .runner import FlowFailed, Runner, outcome, run_flow
 from .schema import check as check_schema
 from .store import DATABASE_ERRORS, TaskStore
 from .wakeup import QueueWakeup
@@ -49,6 +53,22 @@ logger = logging.getLogger('flowworker.worker')
 ARQ_TIMEOUT_GRACE = 5.0
 # longest idle wait while keyspace events wake us: a safety net for a missed event
 MAX_IDLE_WAIT = 1.0
+# the poll waits and tries again: Redis is away, or there and refusing writes for now
+REDIS_UNAVAILABLE = (*REDIS_ERRORS, *REDIS_REFUSALS)
+_NO_RESULT = object()
+
+
+@dataclass
+class _Job:
+    """What a job's run knows of it, for its arq result."""
+
+    job_id: str
+    job_try: int
+    start_ms: int
+    function_name: str = '<unknown>'
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    enqueue_time_ms: int = 0
 
 
 class FlowWorker(Worker):
@@ -94,7 +114,10 @@ class FlowWorker(Worker):
         self.ctx['runner'] = Runner(
             settings, registry, store, infra.redis, jobs, self.aborting_tasks, metrics
         )
-        self._started_jobs = 0
+        self.claimer = Claimer(
+            infra.redis, settings.queue_key, int(self.in_progress_timeout_s * 1000), self.queue_read_limit
+        )
+        self.finisher = Finisher(infra.redis, settings.queue_key)
         self._redis_delays: Iterator[float] | None = None
         self._add_signal_handler(signal.SIGUSR1, self.handle_quiet)
 
@@ -132,14 +155,23 @@ class FlowWorker(Worker):
     # --- the poll loop ---------------------------------------------------------------------------
 
     async def _poll_iteration(self) -> None:
+        """arq's poll in one round trip (see ``batches.py``): claim ready jobs for the free slots and
+        start them, cancel the running jobs whose abort was asked, drop the finished tasks; then wait
+        until a job may be startable."""
         self.wakeup.event.clear()
         self.allow_pick_jobs = not self.draining and self.store.healthy
-        self._started_jobs = 0
         try:
-            await super()._poll_iteration()
-            if not self._started_jobs:
-                await self._idle_wait()
-        except REDIS_ERRORS as e:
+            poll = await self.claimer.poll(self.max_jobs - self.job_counter if self.allow_pick_jobs else 0)
+            for claimed in poll.claimed:
+                await self._start(claimed)
+            await self._cancel_aborted(poll.aborts)
+            for job_id, task in list(self.tasks.items()):
+                if task.done():
+                    del self.tasks[job_id]
+                    task.result()  # an error of ours in a job's run ends the worker, as in arq
+            await self.heart_beat()
+            await self._idle_wait(poll.next_deferred_ms)
+        except REDIS_UNAVAILABLE as e:
             await self._redis_unavailable(e)
             return
         if self._redis_delays is not None:
@@ -152,7 +184,7 @@ class FlowWorker(Worker):
         logger.warning('Redis is unreachable, retrying in %.1fs: %s', delay, describe_error(e))
         await asyncio.sleep(delay)
 
-    async def _idle_wait(self) -> None:
+    async def _idle_wait(self, next_deferred_ms: float | None) -> None:
         """Wait until a job may be startable: a queued job, a free slot, or the next deferred job.
 
         The jobs already due were just tried: they run (arq keeps a job in its queue until it
@@ -163,72 +195,162 @@ class FlowWorker(Worker):
             timeout = self.settings.poll_delay
         else:
             timeout = MAX_IDLE_WAIT
-            now = time.time()
-            deferred = await self.pool.zrangebyscore(
-                self.queue_name, f'({now * 1000:.0f}', '+inf', start=0, num=1, withscores=True
-            )
-            if deferred:
-                timeout = min(timeout, max(deferred[0][1] / 1000 - now, 0.0))
+            if next_deferred_ms is not None:
+                timeout = min(timeout, max(next_deferred_ms / 1000 - time.time(), 0.0))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.wakeup.event.wait(), timeout)
 
-    async def start_jobs(self, job_ids: list[bytes]) -> None:
-        for job_id in job_ids:
-            if job_id.decode() in self.tasks:
-                continue  # ours and running: no need to ask Redis (3 round trips) whether it is taken
-            before = self.job_counter
-            try:
-                await super().start_jobs([job_id])
-            except REDIS_ERRORS:
-                # arq counted the job before Redis failed: give the slot back
-                if self.job_counter > before:
-                    self._release_sem_dec_counter_on_complete()
-                raise
-            if self.job_counter > before:
-                self._started_jobs += 1
-            elif self.job_counter >= self.max_jobs:
-                return
+    async def _cancel_aborted(self, aborts: list[str]) -> None:
+        """arq's _cancel_aborted_jobs, on the abort requests the poll read: cancel ours."""
+        aborted = {job_id for job_id in aborts if job_id in self.job_tasks}
+        for job_id in aborted:
+            self.job_tasks[job_id].cancel()
+        if aborted:
+            self.aborting_tasks.update(aborted)
+            await self.pool.zrem(abort_jobs_ss, *aborted)
 
-    # --- a job's bookkeeping in Redis ------------------------------------------------------------
+    async def _start(self, claimed: Claimed) -> None:
+        """Run a claimed job in a task of its own, in a slot (arq's start_jobs, after its claim)."""
+        await self.sem.acquire()  # never waits: the poll claimed no more jobs than there are free slots
+        self.job_counter += 1
+        task = self.loop.create_task(self._run(claimed))
+        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+        self.tasks[claimed.job_id] = task
 
-    async def run_job(self, job_id: str, score: int) -> None:
-        """Run a job; if Redis fails before it starts, try again once Redis is back."""
-        delays = backoff()
+    # --- a job -----------------------------------------------------------------------------------
+
+    async def _run(self, claimed: Claimed) -> None:
+        """arq's run_job for a job the poll claimed, its reads already done by the claim, and its
+        end written by the finisher with others'.
+
+        What arq's run_job does for a job of ``run_flow``, in its order and with its results: a
+        job gone (expired), unreadable, aborted before it started, of an unknown function, or past
+        its tries ends failed; otherwise it runs with arq's timeout (a safety net behind the
+        runner's own); a ``Retry`` re-scores it, a cancel by shutdown releases it to run again,
+        an abort or an error ends it failed. Not kept from arq: its per-job log lines (off in
+        flowworker, which logs its own), cron jobs and the job hooks (flowworker has none).
+        """
         try:
-            while True:
-                try:
-                    return await super().run_job(job_id, score)
-                except REDIS_ERRORS as e:
-                    # finish_job retries by itself, so the flow has not run: it is safe to start over
-                    delay = next(delays)
-                    logger.warning(
-                        'cannot start job %s, retrying in %.1fs: %s', job_id, delay, describe_error(e)
-                    )
-                    await asyncio.sleep(delay)
+            await self._run_claimed(claimed)
         finally:
             self.wakeup.event.set()  # a slot is free
 
-    async def finish_job(self, job_id: str, *args: Any) -> None:
-        await self._until_done(f'finish job {job_id}', super().finish_job, job_id, *args)
+    async def _run_claimed(self, claimed: Claimed) -> None:
+        job = _Job(claimed.job_id, claimed.job_try, timestamp_ms())
+        function = await self._runnable(claimed, job)
+        if function is None:
+            return
+        ctx = {
+            **self.ctx,
+            'job_id': job.job_id,
+            'job_try': job.job_try,
+            'enqueue_time': ms_to_datetime(job.enqueue_time_ms),
+            'score': claimed.score,
+        }
+        timeout_s = self.job_timeout_s if function.timeout_s is None else function.timeout_s
+        result: Any = _NO_RESULT
+        finish, success, incr_score = False, False, None
+        job.start_ms = timestamp_ms()
+        task = self.loop.create_task(function.coroutine(ctx, *job.args, **job.kwargs))
+        self.job_tasks[job.job_id] = task
+        try:
+            try:
+                result = await asyncio.wait_for(task, timeout_s)
+            finally:
+                del self.job_tasks[job.job_id]
+        except (Exception, asyncio.CancelledError) as e:
+            if isinstance(e, Retry):
+                incr_score = e.defer_score + (timestamp_ms() - claimed.score) if e.defer_score else None
+                self.jobs_retried += 1
+            elif job.job_id in self.aborting_tasks and isinstance(e, asyncio.CancelledError):
+                result, finish = e, True
+                self.aborting_tasks.remove(job.job_id)
+                self.jobs_failed += 1
+            elif isinstance(e, (asyncio.CancelledError, RetryJob)):
+                self.jobs_retried += 1  # a stop: it runs again
+            else:
+                if not isinstance(e, FlowFailed):  # the runner logged its own failures
+                    logger.warning('job %s failed: %s', job.job_id, describe_error(e))
+                result, finish = e, True
+                self.jobs_failed += 1
+        else:
+            success = finish = True
+            self.jobs_complete += 1
+        data = None if result is _NO_RESULT else self._result(job, success, result)
+        await self._end(job.job_id, finish, data, incr_score)
 
-    async def finish_failed_job(self, job_id: str, result_data: bytes | None) -> None:
-        await self._until_done(f'finish job {job_id}', super().finish_failed_job, job_id, result_data)
-        if result_data is not None:
-            self._record_if_aborted(job_id, result_data)
+    async def _runnable(self, claimed: Claimed, job: _Job) -> Function | None:
+        """Read the claimed job into ``job``; its function, or None once the job has ended failed
+        (gone, unreadable, aborted before it started, of an unknown function, out of tries)."""
+        if not claimed.data:
+            logger.warning('job %s expired', job.job_id)
+            await self._failed(job, JobExecutionFailed('job expired'))
+            return None
+        try:
+            job.function_name, job.args, job.kwargs, enqueue_job_try, job.enqueue_time_ms = (
+                deserialize_job_raw(claimed.data, deserializer=self.job_deserializer)
+            )
+        except SerializationError as e:
+            logger.exception('deserializing job %s failed', job.job_id)
+            await self._failed(job, e)
+            return None
+        if claimed.aborted:
+            if job.function_name == 'run_flow' and job.args:
+                runner: Runner = self.ctx['runner']
+                enqueued = ms_to_datetime(job.enqueue_time_ms)
+                runner.aborted_before_start(job.job_id, job.job_try, str(job.args[0]), enqueued)
+            await self._failed(job, asyncio.CancelledError())
+            return None
+        function = self.functions.get(job.function_name)
+        if not isinstance(function, Function):
+            logger.warning('job %s, function %r not found', job.job_id, job.function_name)
+            await self._failed(job, JobExecutionFailed(f'function {job.function_name!r} not found'))
+            return None
+        if enqueue_job_try and enqueue_job_try > job.job_try:
+            job.job_try = enqueue_job_try
+            what, key = f'count the tries of job {job.job_id}', retry_key_prefix + job.job_id
+            await self._until_done(what, self.pool.setex, key, RETRY_KEY_TTL, str(job.job_try))
+        max_tries = self.max_tries if function.max_tries is None else function.max_tries
+        if job.job_try > max_tries:
+            logger.warning('job %s: max %d retries exceeded', job.job_id, max_tries)
+            await self._failed(job, JobExecutionFailed(f'max {max_tries} retries exceeded'))
+            return None
+        return function
 
-    def _record_if_aborted(self, job_id: str, result_data: bytes) -> None:
-        """arq ends a job aborted before it started here, without running it: record it cancelled."""
-        result = deserialize_result(result_data, deserializer=self.job_deserializer)
-        if (
-            isinstance(result.result, asyncio.CancelledError)
-            and result.function == 'run_flow'
-            and result.args
-        ):
-            runner: Runner = self.ctx['runner']
-            runner.aborted_before_start(job_id, result.job_try, str(result.args[0]), result.enqueue_time)
+    async def _failed(self, job: _Job, error: BaseException) -> None:
+        """End a job that did not run, failed with ``error`` (arq's run_job's job_failed)."""
+        self.jobs_failed += 1
+        await self._end(job.job_id, True, self._result(job, False, error))
+
+    def _result(self, job: _Job, success: bool, result: Any) -> bytes | None:
+        """The job's result as arq stores it, finished now (None when arq keeps no results)."""
+        if not (self.keep_result_forever or self.keep_result_s > 0):
+            return None
+        return serialize_result(
+            job.function_name,
+            job.args,
+            job.kwargs,
+            job.job_try,
+            job.enqueue_time_ms,
+            success,
+            result,
+            job.start_ms,
+            timestamp_ms(),
+            f'{job.job_id}:{job.function_name}',
+            self.queue_name,
+            job_id=job.job_id,
+            serializer=self.job_serializer,
+        )
+
+    async def _end(
+        self, job_id: str, finish: bool, result: bytes | None, incr_score: int | None = None
+    ) -> None:
+        """Write the job's end with the finisher; a cancel (a stop) while it waits does not undo it."""
+        keep_ms = 0 if self.keep_result_forever else int(self.keep_result_s * 1000)
+        await asyncio.shield(self.finisher.finish(Ending(job_id, finish, result, keep_ms, incr_score)))
 
     async def _until_done(self, what: str, call: Any, *args: Any) -> None:
-        """Retry a Redis write that must happen (a job's end) until Redis takes it."""
+        """Retry a Redis write that must happen until Redis takes it."""
         delays = backoff()
         while True:
             try:
@@ -366,6 +488,7 @@ async def serve(infra: Infrastructure, registry: Registry) -> int:
             raise
     finally:
         await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        await worker.finisher.wait(timeout=max(settings.heartbeat_interval, 5.0))
         await wakeup.stop()
         flushed = await store.flush(timeout=max(settings.heartbeat_interval, 5.0))
         for task in background:
