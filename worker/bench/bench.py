@@ -97,6 +97,7 @@ class Drained:
     rate: float  # jobs/s from the first job's INCR to the last's
     cpu_ms: float  # the process's CPU per job over that span (flowworker: until its records are written)
     rss: float  # peak RSS, MiB
+    again: int  # INCRs beyond one per job: jobs run twice (at-least-once delivery under load)
 
 
 class Bench:
@@ -153,12 +154,12 @@ class Bench:
                 await self.wait_for_records(jobs)
             cpu_ms = 1000 * (cpu_seconds(worker.pid) - cpu_first) / jobs
             rss = peak_rss_mib(worker.pid)
-            assert int(await redis.get(COUNTER) or 0) == jobs, 'a job ran more than once'
+            again = int(await redis.get(COUNTER) or 0) - jobs
         finally:
             worker.signal(signal.SIGTERM)
             worker.wait(60)
             await redis.aclose()
-        return Drained(jobs / (last - first), cpu_ms, rss)
+        return Drained(jobs / (last - first), cpu_ms, rss, again)
 
     async def wait_for_records(self, jobs: int, timeout: float = 60) -> None:
         db = await asyncpg.connect(self.database['owner'])
@@ -240,12 +241,17 @@ async def main(jobs: int, max_jobs: int, rounds: int, peer_python: Path, peers: 
             for kind in kinds:
                 runs[kind].append(run := await bench.throughput(kind, jobs, max_jobs))
                 print(
-                    f'  round {n + 1} {kind:15} {run.rate:7.0f} jobs/s {run.cpu_ms:6.3f} CPU ms/job',
+                    f'  round {n + 1} {kind:15} {run.rate:7.0f} jobs/s {run.cpu_ms:6.3f} CPU ms/job'
+                    + (f', {run.again} jobs run twice' if run.again else ''),
                     flush=True,
                 )
+        # the medians; the jobs run twice summed over the rounds
         median = {
             kind: Drained(
-                *(statistics.median(getattr(run, f) for run in r) for f in ('rate', 'cpu_ms', 'rss'))
+                statistics.median(run.rate for run in r),
+                statistics.median(run.cpu_ms for run in r),
+                statistics.median(run.rss for run in r),
+                sum(run.again for run in r),
             )
             for kind, r in runs.items()
         }
@@ -270,6 +276,7 @@ def print_table(median: dict[str, Drained], max_jobs: int) -> None:
     print('\n| worker, one process | jobs/s | CPU ms/job | peak RSS MiB |\n|---|---|---|---|')
     for kind, run in median.items():
         label = {**OURS, **PEERS}[kind].format(concurrency=max_jobs)
+        label += f' ({run.again} jobs run twice, all rounds)' if run.again else ''
         cells = [f'{run.rate:,.0f}', f'{run.cpu_ms:.3f}', f'{run.rss:.0f}']
         ratios = [run.rate / ours.rate, run.cpu_ms / ours.cpu_ms, run.rss / ours.rss]
         print(f'| {label} |', ' | '.join(f'{c} ({r:.2f} x)' for c, r in zip(cells, ratios, strict=True)), '|')
