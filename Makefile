@@ -7,6 +7,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(abspath $(VENV))/bin
 STAMPS := build/stamps
+# the peers `make bench` times flowworker against (worker/bench/peers.txt), apart from the venv
+BENCH_VENV := build/bench-venv
 # LAB_TLS=true: the lab with TLS for Redis and PostgreSQL (inventories/lab/group_vars/all/tls.yml)
 LAB := -i inventories/lab $(if $(LAB_TLS),-e lab_fleet_tls=$(LAB_TLS))
 # make bench-deploy: the worker host counts to time (each a throw-away lab of its own beside the
@@ -24,7 +26,7 @@ APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-d
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 
-.PHONY: help bootstrap lock image lab deploy demo lab-down test lint test-worker test-roles test-e2e bench bench-deploy clean
+.PHONY: help bootstrap lock bench-lock image lab deploy demo lab-down test lint test-worker test-roles test-e2e bench bench-deploy clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -65,6 +67,17 @@ lock: $(STAMPS)/uv ## resolve the worker's whole dependency tree (with its extra
 	cd worker && uv pip compile pyproject.toml --extra monitor --universal --python-version 3.11 --generate-hashes --custom-compile-command "make lock" --quiet $(LOCK_ARGS) -o requirements.lock
 	@echo "worker/requirements.lock: $$(grep -c '==' worker/requirements.lock) packages"
 
+# the same for the peers of `make bench`, on their own (their venv is never the worker's)
+bench-lock: $(STAMPS)/uv ## resolve the benchmark's peers (SAQ, Dramatiq, Celery, RQ) into worker/bench/peers.txt, with hashes
+	cd worker && uv pip compile bench/peers.in --universal --python-version 3.11 --generate-hashes --custom-compile-command "make bench-lock" --quiet $(LOCK_ARGS) -o bench/peers.txt
+	@echo "worker/bench/peers.txt: $$(grep -c '==' worker/bench/peers.txt) packages"
+
+$(STAMPS)/bench-venv: worker/bench/peers.txt | $(STAMPS)/apt
+	rm -rf $(BENCH_VENV)
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --require-hashes --no-deps -r worker/bench/peers.txt
+	touch $@
+
 image: bootstrap ## build the systemd test image (once; again when its recipe changes)
 	images/build-test-image.sh
 
@@ -103,8 +116,8 @@ test-e2e: image ## end-to-end: ansible-playbook against the lab fleet, made from
 test: image ## everything: lint, worker, molecule and end-to-end side by side, with a time table
 	python tests/suite.py
 
-bench: bootstrap ## benchmarks: throughput against bare arq, idle latency and CPU, memory; the records at 5 M rows
-	cd worker && python -m bench.bench && python -m bench.records
+bench: bootstrap $(STAMPS)/bench-venv ## benchmarks: throughput and CPU per job against bare arq, SAQ, Dramatiq, Celery and RQ, idle latency and CPU, memory; the records at 5 M rows
+	cd worker && python -m bench.bench --peer-python $(abspath $(BENCH_VENV))/bin/python && python -m bench.records
 
 bench-deploy: image ## no-op deploy time, 1 vs 8 worker hosts (bench/deploy.py; BENCH_WORKERS="1 8", KEEP=1)
 	python bench/deploy.py --workers $(BENCH_WORKERS) $(if $(KEEP),--keep)

@@ -1,4 +1,4 @@
-"""Bare arq workers for the throughput baseline: the same function name, no bookkeeping.
+"""Bare arq workers for the throughput baseline: the same function name and job, no bookkeeping.
 
 arq's CLI takes worker settings by dotted name: `python -m arq bench.bare.fast_poll`.
 """
@@ -10,9 +10,11 @@ from typing import Any
 
 from arq.connections import RedisSettings
 
+from .peers import incr_async
 
-async def run_flow(ctx: dict[str, Any], flow_name: str, params: dict[str, Any]) -> dict[str, Any]:
-    return params
+
+async def run_flow(ctx: dict[str, Any], flow_name: str, params: dict[str, Any]) -> None:
+    await incr_async()
 
 
 default_poll: dict[str, Any] = {

@@ -1,11 +1,13 @@
-"""Benchmarks (`make bench`): throughput against bare arq, pick-up latency at idle, memory.
+"""Benchmarks (`make bench`): throughput, CPU per job and memory against bare arq and the peers
+(SAQ, Dramatiq, Celery, RQ: bench/peers.py), pick-up latency at idle.
 
-Targets: no-op flows with every task recorded at >= 0.9 x the jobs/s of a bare arq worker with
-the same max_jobs on the same Redis; enqueue->start latency p50 <= 50 ms at idle.
+Targets: flows with every task recorded at >= 0.9 x the jobs/s of a bare arq worker with the
+same max_jobs on the same Redis; enqueue->start latency p50 <= 50 ms at idle.
 
-Each run uses a real redis-server and PostgreSQL started on free ports, and worker processes as
-they run in production. Times come from arq's own job results (enqueue, start and finish times),
-the same for both workers.
+Each run uses a real redis-server and a PostgreSQL with production durability (fsync and
+synchronous_commit on) started on free ports, and worker processes as they run in production.
+Every worker drains the same number of prefilled jobs, each one Redis INCR of a counter, from one
+process; the bench reads the counter, and the worker's CPU (user + sys) and peak RSS from /proc.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncpg
@@ -30,14 +33,26 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import job_key_prefix
 from arq.jobs import serialize_job
 
-from tests.servers import PostgresServer, RedisServer, WorkerProcess
+from tests.servers import WORKER_ROOT, PostgresServer, RedisServer, WorkerProcess
+
+from .peers import COUNTER, PEERS
 
 QUEUE = 'arq:queue:default'
 HERE = Path(__file__).resolve().parent
+# where `make bench` installs the peers (bench/peers.txt), apart from the worker's venv
+PEER_PYTHON = WORKER_ROOT.parent / 'build' / 'bench-venv' / 'bin' / 'python'
+# the workers from this venv, as the table names them; the peers' come from PEERS
+OURS = {
+    'default_poll': 'bare arq, poll_delay 0.5 s (arq default), max_jobs {concurrency}',
+    'fast_poll': 'bare arq, poll_delay 0.01 s, max_jobs {concurrency}',
+    'flowworker': 'flowworker, every task recorded, max_jobs {concurrency}',
+}
+# how often the bench reads the counter while a worker drains its queue (seconds)
+COUNT_EVERY = 0.005
 
 
 async def fill_queue(redis: ArqRedis, jobs: int) -> None:
-    """Queue ``jobs`` no-op flows the way arq's enqueue_job stores them, in pipelines (fast)."""
+    """Queue ``jobs`` bench.incr flows the way arq's enqueue_job stores them, in pipelines (fast)."""
     now = int(time.time() * 1000)
     for start in range(0, jobs, 1000):
         async with redis.pipeline(transaction=False) as pipe:
@@ -46,25 +61,26 @@ async def fill_queue(redis: ArqRedis, jobs: int) -> None:
                 pipe.psetex(
                     job_key_prefix + job_id,
                     3_600_000,
-                    serialize_job('run_flow', ('demo.echo', {}), {}, None, now),
+                    serialize_job('run_flow', ('bench.incr', {}), {}, None, now),
                 )
                 pipe.zadd(QUEUE, {job_id: now})
             await pipe.execute()
 
 
-async def wait_for_results(
-    redis: ArqRedis, jobs: int, alive: WorkerProcess, timeout: float = 300
-) -> tuple[float, float]:
-    """Wait until every job has a result; its first start and last finish (seconds since epoch)."""
+async def count_to(redis: ArqRedis, jobs: int, worker: WorkerProcess, timeout: float = 600) -> float:
+    """Wait until ``jobs`` jobs have made their INCR; the monotonic time it was seen."""
     deadline = time.monotonic() + timeout
-    while await redis.zcard(QUEUE):
-        if not alive.alive() or time.monotonic() > deadline:
-            raise RuntimeError(f'the worker did not drain the queue:\n{alive.output()}')
-        await asyncio.sleep(0.2)
-    results = await redis.all_job_results()
-    assert len(results) == jobs, f'{len(results)} results for {jobs} jobs'
-    assert all(r.success for r in results)
-    return min(r.start_time for r in results).timestamp(), max(r.finish_time for r in results).timestamp()
+    while int(await redis.get(COUNTER) or 0) < jobs:
+        if not worker.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f'the worker did not drain its queue:\n{worker.output()}')
+        await asyncio.sleep(COUNT_EVERY)
+    return time.monotonic()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) so far."""
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -74,19 +90,32 @@ def peak_rss_mib(pid: int) -> float:
     return float('nan')
 
 
+@dataclass
+class Drained:
+    """One worker process draining a full queue."""
+
+    rate: float  # jobs/s from the first job's INCR to the last's
+    cpu_ms: float  # the process's CPU per job over that span (flowworker: until its records are written)
+    rss: float  # peak RSS, MiB
+    again: int  # INCRs beyond one per job: jobs run twice (at-least-once delivery under load)
+
+
 class Bench:
-    def __init__(self, redis_server: RedisServer, database: dict[str, str], logs: Path) -> None:
+    def __init__(
+        self, redis_server: RedisServer, database: dict[str, str], logs: Path, peer_python: Path
+    ) -> None:
         self.redis_server = redis_server
         self.database = database
         self.logs = logs
+        self.peer_python = peer_python
         self.env = {
             'REDIS_URL': redis_server.url,
             'DATABASE_URL': database['worker'],
             'DATABASE_POOL_SIZE': '5',
             'DATABASE_MAX_OVERFLOW': '5',
             'LOG_LEVEL': 'WARNING',
-            # bench.bare, and a flowworker on PYTHONPATH (a work tree's) before the installed one
-            'PYTHONPATH': os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get('PYTHONPATH')])),
+            # bench.* importable, and the caller's PYTHONPATH (a worktree's src) kept
+            'PYTHONPATH': os.pathsep.join([str(HERE.parent), *filter(None, [os.environ.get('PYTHONPATH')])]),
         }
 
     async def fresh(self) -> ArqRedis:
@@ -97,29 +126,40 @@ class Bench:
         await db.close()
         return redis
 
-    async def throughput(self, kind: str, jobs: int, max_jobs: int) -> tuple[float, float]:
-        """jobs/s and peak RSS (MiB) of one worker process draining a full queue."""
+    async def throughput(self, kind: str, jobs: int, max_jobs: int) -> Drained:
+        """One worker process of ``kind`` draining ``jobs`` prefilled jobs."""
         redis = await self.fresh()
-        await fill_queue(redis, jobs)
-        if kind == 'flowworker':
-            worker = WorkerProcess(
-                'bench', self.env, ['--max-jobs', str(max_jobs)], self.logs / f'{kind}.log'
+        log = self.logs / f'{kind}.log'
+        if kind in PEERS:
+            peer = [str(self.peer_python), '-m', 'bench.peers']
+            subprocess.run(
+                [*peer, 'fill', kind, str(jobs)], env={**os.environ, **self.env}, cwd=WORKER_ROOT, check=True
             )
+            worker = WorkerProcess('bench', self.env, [], log, [*peer, 'work', kind, str(max_jobs)])
         else:
-            command = [sys.executable, '-m', 'arq', f'bench.bare.{kind}']
-            worker = WorkerProcess(
-                'bench', {**self.env, 'BENCH_MAX_JOBS': str(max_jobs)}, [], self.logs / f'{kind}.log', command
-            )
+            await fill_queue(redis, jobs)
+            if kind == 'flowworker':
+                env = {**self.env, 'FLOWWORKER_FLOW_MODULES': 'bench.flows'}
+                worker = WorkerProcess('bench', env, ['--max-jobs', str(max_jobs)], log)
+            else:
+                command = [sys.executable, '-m', 'arq', f'bench.bare.{kind}']
+                worker = WorkerProcess(
+                    'bench', {**self.env, 'BENCH_MAX_JOBS': str(max_jobs)}, [], log, command
+                )
         try:
-            first, last = await wait_for_results(redis, jobs, alive=worker)
-            rss = peak_rss_mib(worker.pid)
+            first = await count_to(redis, 1, worker)
+            cpu_first = cpu_seconds(worker.pid)
+            last = await count_to(redis, jobs, worker)
             if kind == 'flowworker':
                 await self.wait_for_records(jobs)
+            cpu_ms = 1000 * (cpu_seconds(worker.pid) - cpu_first) / jobs
+            rss = peak_rss_mib(worker.pid)
+            again = int(await redis.get(COUNTER) or 0) - jobs
         finally:
             worker.signal(signal.SIGTERM)
             worker.wait(60)
             await redis.aclose()
-        return jobs / (last - first), rss
+        return Drained(jobs / (last - first), cpu_ms, rss, again)
 
     async def wait_for_records(self, jobs: int, timeout: float = 60) -> None:
         db = await asyncpg.connect(self.database['owner'])
@@ -159,15 +199,9 @@ def idle_cpu_percent(bench: Bench, seconds: float = 5, **env: str) -> float:
     worker = WorkerProcess('idle', {**bench.env, **env}, [], bench.logs / 'idle.log')
     try:
         time.sleep(3)  # start-up is not idling
-        ticks = os.sysconf('SC_CLK_TCK')
-
-        def cpu() -> float:
-            fields = Path(f'/proc/{worker.pid}/stat').read_text().rsplit(')', 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / ticks
-
-        before = cpu()
+        before = cpu_seconds(worker.pid)
         time.sleep(seconds)
-        return 100 * (cpu() - before) / seconds
+        return 100 * (cpu_seconds(worker.pid) - before) / seconds
     finally:
         worker.signal(signal.SIGTERM)
         worker.wait(60)
@@ -192,32 +226,37 @@ def servers(durable: bool = False) -> Iterator[tuple[Path, RedisServer, Postgres
         shutil.rmtree(directory, ignore_errors=True)
 
 
-async def main(jobs: int, max_jobs: int, rounds: int, quick: bool = False) -> int:
-    with servers() as (directory, redis_server, postgres_server):
+async def main(jobs: int, max_jobs: int, rounds: int, peer_python: Path, peers: bool) -> int:
+    with servers(durable=True) as (directory, redis_server, postgres_server):
         database = await prepare_database(postgres_server)
-        bench = Bench(redis_server, database, directory)
-        print(f'{jobs} no-op jobs, max_jobs {max_jobs}, medians of {rounds} rounds')
-        rates: dict[str, list[float]] = {}
-        rss: dict[str, float] = {}
-        for _ in range(rounds):
-            for kind in ('fast_poll', 'flowworker') if quick else ('default_poll', 'fast_poll', 'flowworker'):
-                rate, peak = await bench.throughput(kind, jobs, max_jobs)
-                rates.setdefault(kind, []).append(rate)
-                rss[kind] = max(rss.get(kind, 0), peak)
-        median = {kind: statistics.median(r) for kind, r in rates.items()}
-        labels = {
-            'default_poll': 'bare arq, poll_delay 0.5 s (arq default)',
-            'fast_poll': 'bare arq, poll_delay 0.01 s',
-            'flowworker': 'flowworker, every task recorded',
+        db = await asyncpg.connect(database['owner'])
+        for setting in ('fsync', 'synchronous_commit'):
+            assert await db.fetchval(f'SHOW {setting}') == 'on', f'PostgreSQL runs with {setting} off'
+        await db.close()
+        bench = Bench(redis_server, database, directory, peer_python)
+        kinds = [*OURS, *(PEERS if peers else ())]
+        print(f'{jobs} jobs of one INCR each, max_jobs {max_jobs}, medians of {rounds} rounds', flush=True)
+        runs: dict[str, list[Drained]] = {kind: [] for kind in kinds}
+        for n in range(rounds):
+            for kind in kinds:
+                runs[kind].append(run := await bench.throughput(kind, jobs, max_jobs))
+                print(
+                    f'  round {n + 1} {kind:15} {run.rate:7.0f} jobs/s {run.cpu_ms:6.3f} CPU ms/job'
+                    + (f', {run.again} jobs run twice' if run.again else ''),
+                    flush=True,
+                )
+        # the medians; the jobs run twice summed over the rounds
+        median = {
+            kind: Drained(
+                statistics.median(run.rate for run in r),
+                statistics.median(run.cpu_ms for run in r),
+                statistics.median(run.rss for run in r),
+                sum(run.again for run in r),
+            )
+            for kind, r in runs.items()
         }
-        for kind, label in labels.items():
-            if kind not in median:
-                continue
-            print(f'  {label:42} {median[kind]:7.0f} jobs/s   peak RSS {rss[kind]:5.1f} MiB')
-        ratio = median['flowworker'] / max(median.get('default_poll', 0), median['fast_poll'])
+        ratio = median['flowworker'].rate / max(median['default_poll'].rate, median['fast_poll'].rate)
         print(f'  flowworker / best bare arq: {ratio:.2f} (target >= 0.90)')
-        if quick:
-            return 0 if ratio >= 0.9 else 1
 
         p50 = report_latency('keyspace events', await bench.latency(200))
         await bench.fresh()
@@ -227,7 +266,20 @@ async def main(jobs: int, max_jobs: int, rounds: int, quick: bool = False) -> in
         await redis.aclose()
         report_latency('polling every 0.05 s', await bench.latency(200))
         print(f'idle CPU, polling every 0.05 s: {idle_cpu_percent(bench):.2f} % of a core')
+        print_table(median, max_jobs)
         return 0 if ratio >= 0.9 and p50 <= 0.05 else 1
+
+
+def print_table(median: dict[str, Drained], max_jobs: int) -> None:
+    """The throughput medians as a Markdown table, each with its ratio to flowworker's."""
+    ours = median['flowworker']
+    print('\n| worker, one process | jobs/s | CPU ms/job | peak RSS MiB |\n|---|---|---|---|')
+    for kind, run in median.items():
+        label = {**OURS, **PEERS}[kind].format(concurrency=max_jobs)
+        label += f' ({run.again} jobs run twice, all rounds)' if run.again else ''
+        cells = [f'{run.rate:,.0f}', f'{run.cpu_ms:.3f}', f'{run.rss:.0f}']
+        ratios = [run.rate / ours.rate, run.cpu_ms / ours.cpu_ms, run.rss / ours.rss]
+        print(f'| {label} |', ' | '.join(f'{c} ({r:.2f} x)' for c, r in zip(cells, ratios, strict=True)), '|')
 
 
 def report_latency(mode: str, delays: list[float]) -> float:
@@ -261,9 +313,8 @@ if __name__ == '__main__':
     parser.add_argument('--max-jobs', type=int, default=10)
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument(
-        '--quick',
-        action='store_true',
-        help='throughput against the fast-polling arq only (no latency, idle CPU)',
+        '--peer-python', type=Path, default=PEER_PYTHON, help="the peers' python (make bench installs it)"
     )
+    parser.add_argument('--no-peers', action='store_true', help='time flowworker and bare arq only')
     args = parser.parse_args()
-    sys.exit(asyncio.run(main(args.jobs, args.max_jobs, args.rounds, args.quick)))
+    sys.exit(asyncio.run(main(args.jobs, args.max_jobs, args.rounds, args.peer_python, not args.no_peers)))
