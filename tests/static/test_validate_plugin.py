@@ -5,7 +5,6 @@ are tested by the bad_inputs scenario; this covers the rules that scenario does 
 from __future__ import annotations
 
 import importlib.util
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -121,11 +120,6 @@ def test_each_pool_has_a_range_of_metrics_ports_and_each_instance_a_target(manag
         ['worker-2.example.internal:10001'],
     ]
     assert targets[2]['labels'] == {'host': 'worker-2', 'pool': 'io', 'unit': unit}
-    assert validate.scrape_file(pools, given) == {
-        'path': '/etc/prometheus/file_sd/flowworker/worker-2.json',
-        'content': json.dumps(targets, indent=2, sort_keys=True) + '\n',
-        'mode': '0644',
-    }
     assert validate.scrape_targets(derive(args(metrics_port=0)), args(metrics_port=0)) == []
     ipv6 = args(metrics_scrape_address='fd00::7', pools=[{'name': 'default', 'instances': 1}])
     assert validate.scrape_targets(derive(ipv6), ipv6)[0]['targets'] == ['[fd00::7]:9301']

@@ -11,7 +11,6 @@ publishes them.
 from __future__ import annotations
 
 import importlib.util
-import json
 import re
 import sys
 from pathlib import Path
@@ -97,17 +96,8 @@ def pools(
     return out
 
 
-def scrape_file(derived: list[dict], args: dict[str, Any]) -> dict[str, Any]:
-    """This host's file-SD file on the Prometheus hosts: a flowworker.fleet.files entry (metrics.yml)."""
-    return {
-        'path': f'{args["metrics_sd_dir"]}/{args["inventory_hostname"]}.json',
-        'content': json.dumps(scrape_targets(derived, args), indent=2, sort_keys=True) + '\n',
-        'mode': '0644',
-    }
-
-
 def scrape_targets(derived: list[dict], args: dict[str, Any]) -> list[dict[str, Any]]:
-    """Prometheus file-SD entries, one per instance that serves metrics."""
+    """Prometheus file-SD entries, one per instance that serves metrics (tasks/metrics.yml)."""
     address = str(args['metrics_scrape_address'])
     if ':' in address:
         address = f'[{address}]'
@@ -424,7 +414,7 @@ class ActionModule(ActionBase):
             'changed': False,
             'pools': derived,
             'prunes': prunes(args),
-            'scrape_file': scrape_file(derived, args),
+            'scrape_targets': scrape_targets(derived, args),
             'unit_files': (
                 unit_files(derived, args['unit_dir']) if args['process_manager'] == 'systemd' else []
             ),
