@@ -4,6 +4,7 @@ readable by arq, through aborts, a result Redis refuses, a drain and a kill in m
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 from pathlib import Path
@@ -11,6 +12,10 @@ from pathlib import Path
 import pytest
 from arq.constants import in_progress_key_prefix, result_key_prefix
 from arq.jobs import Job, JobStatus
+from redis.asyncio import Redis
+
+from flowworker.batches import Ending, Finisher
+from flowworker.infrastructure import count_redis_reconnects
 
 from .conftest import QUEUE, Stack
 
@@ -108,6 +113,26 @@ async def test_results_redis_refuses_are_written_once_it_takes_them(stack: Stack
     assert (tmp_path / 'release.runs').read_text() == 'run\n' * 3
     assert 'OOM command not allowed' in worker.output()
     assert worker.stop() == 0
+
+
+async def test_a_write_in_flight_outlives_a_garbage_collection(stack: Stack) -> None:
+    # The finisher's task, awaiting Redis's reply, is reachable only through its connection (the
+    # worker's pool holds its connections in use weakly, see count_redis_reconnects): a collection
+    # destroyed it mid-write, the job's end lost and the worker failing, unless the finisher holds it.
+    job_id = await stack.enqueue('demo.echo')
+    await stack.redis.set(in_progress_key_prefix + job_id, b'1')
+    redis = Redis.from_url(stack.admin_url)
+    await count_redis_reconnects(redis, lambda: None)
+    finisher = Finisher(redis, QUEUE)
+    await stack.redis.client_pause(500, all=False)  # the reply comes in 0.5 s
+    finishing = asyncio.create_task(finisher.finish(Ending(job_id, True, b'result', 0, None)))
+    await asyncio.sleep(0.1)
+    gc.collect()
+    await asyncio.wait_for(finishing, 5)
+    await redis.aclose()
+    assert await stack.redis.get(result_key_prefix + job_id) == b'result'
+    assert await stack.redis.exists(in_progress_key_prefix + job_id) == 0
+    assert await stack.redis.zcard(QUEUE) == 0
 
 
 JOBS = 60

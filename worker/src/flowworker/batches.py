@@ -217,6 +217,9 @@ class Finisher:
         ]
         self._pending: list[tuple[Ending, asyncio.Future[None]]] = []
         self._writing = False
+        # held: a task awaiting Redis is otherwise reachable only through its connection, which the
+        # pool may hold weakly, and a garbage collection would destroy it mid-write
+        self._task: asyncio.Task[None] | None = None
         # writes since the start, and the jobs they carried
         self.writes = 0
         self.ended = 0
@@ -232,8 +235,8 @@ class Finisher:
 
     def _start(self) -> None:
         # a task of its own: a job whose run is cancelled while it waits does not stop the others'
-        task = asyncio.get_running_loop().create_task(self._write_all(), name='flowworker-finish')
-        task.add_done_callback(_log_crash)
+        self._task = asyncio.get_running_loop().create_task(self._write_all(), name='flowworker-finish')
+        self._task.add_done_callback(_log_crash)
 
     async def _write_all(self) -> None:
         delays: Iterator[float] | None = None
