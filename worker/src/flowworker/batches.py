@@ -49,15 +49,17 @@ RETRY_KEY_TTL = 88_400
 # the in-progress key's life (ms), the abort set's cut-off, then the prefixes of the in-progress,
 # job and retry keys. For each job it claims (not in progress anywhere, due): the in-progress key
 # set (arq's start_jobs), its try counted and its abort request taken (arq's run_job); returns
-# [id, score, job (empty if gone), try, aborted] per claimed job, every abort request, and the
-# score of the next deferred job (empty if none).
+# [id, score, job (empty if gone), try, aborted] per claimed job, every abort request, the
+# score of the next deferred job (empty if none), and 1 if due jobs may be left unclaimed (the
+# slots ran out, or more ids were due than it looked at), else 0.
 CLAIM = """
 local queue, abort = KEYS[1], KEYS[2]
 local now, slots, hold = ARGV[1], tonumber(ARGV[2]), ARGV[4]
 local running, jobs, retries = ARGV[6], ARGV[7], ARGV[8]
-local claimed = {}
+local claimed, left = {}, 1
 if slots > 0 then
   local ready = redis.call('ZRANGEBYSCORE', queue, '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[3])
+  if #ready < 2 * tonumber(ARGV[3]) then left = 0 end
   for i = 1, #ready, 2 do
     local id = ready[i]
     if redis.call('EXISTS', running .. id) == 0 then
@@ -67,14 +69,17 @@ if slots > 0 then
       local job = redis.call('GET', jobs .. id) or ''
       local aborted = redis.call('ZREM', abort, id)
       table.insert(claimed, {id, ready[i + 1], job, try, aborted})
-      if #claimed >= slots then break end
+      if #claimed >= slots then
+        left = 1
+        break
+      end
     end
   end
 end
 local aborts = redis.call('ZRANGE', abort, 0, -1)
 redis.call('ZREMRANGEBYSCORE', abort, ARGV[5], '+inf')
 local deferred = redis.call('ZRANGEBYSCORE', queue, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-return {claimed, aborts, deferred[2] or ''}
+return {claimed, aborts, deferred[2] or '', left}
 """
 
 # ARGV: the queue, arq's abort set, the prefixes of the result, in-progress, retry and job keys,
@@ -136,6 +141,7 @@ class Poll:
     claimed: list[Claimed]
     aborts: list[str]  # every job in arq's abort set
     next_deferred_ms: float | None  # the score of the first job due later, if any
+    ready_left: bool  # due jobs may be left: the slots ran out (or none were offered), or the read limit
 
 
 class Claimer:
@@ -151,7 +157,7 @@ class Claimer:
         """Claim up to ``slots`` due jobs (none with 0), and read the abort requests and the next
         deferred job's time."""
         now = timestamp_ms()
-        claimed, aborts, deferred = await self._script(
+        claimed, aborts, deferred, left = await self._script(
             keys=[self._queue_name, abort_jobs_ss],
             args=[
                 now,
@@ -172,6 +178,7 @@ class Claimer:
             ],
             [job_id.decode() for job_id in aborts],
             float(deferred) if deferred else None,
+            bool(left),
         )
 
 

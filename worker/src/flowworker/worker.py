@@ -118,6 +118,8 @@ class FlowWorker(Worker):
             infra.redis, settings.queue_key, int(self.in_progress_timeout_s * 1000), self.queue_read_limit
         )
         self.finisher = Finisher(infra.redis, settings.queue_key)
+        # the last poll may have left due jobs unclaimed: a slot freed is then a reason to poll
+        self._ready_left = True
         self._redis_delays: Iterator[float] | None = None
         self._add_signal_handler(signal.SIGUSR1, self.handle_quiet)
 
@@ -162,6 +164,7 @@ class FlowWorker(Worker):
         self.allow_pick_jobs = not self.draining and self.store.healthy
         try:
             poll = await self.claimer.poll(self.max_jobs - self.job_counter if self.allow_pick_jobs else 0)
+            self._ready_left = poll.ready_left
             for claimed in poll.claimed:
                 await self._start(claimed)
             await self._cancel_aborted(poll.aborts)
@@ -185,11 +188,14 @@ class FlowWorker(Worker):
         await asyncio.sleep(delay)
 
     async def _idle_wait(self, next_deferred_ms: float | None) -> None:
-        """Wait until a job may be startable: a queued job, a free slot, or the next deferred job.
+        """Wait until a job may be startable: a queued job, a free slot while the last poll left
+        due jobs, a job of ours released to run again, or the next deferred job.
 
         The jobs already due were just tried: they run (arq keeps a job in its queue until it
         ends), here or elsewhere, or wait for a free slot. Only a job due later is a reason to
-        wake by the clock; waking for the due ones would spin as long as any job runs.
+        wake by the clock; waking for the due ones would spin as long as any job runs. A job
+        another worker releases unchanged (its stop) or leaves to expire (its death) waits for
+        the next event or at most MAX_IDLE_WAIT.
         """
         if not self.wakeup.listening:
             timeout = self.settings.poll_delay
@@ -198,7 +204,8 @@ class FlowWorker(Worker):
             if next_deferred_ms is not None:
                 timeout = min(timeout, max(next_deferred_ms / 1000 - time.time(), 0.0))
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.wakeup.event.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self.wakeup.event.wait()
 
     async def _cancel_aborted(self, aborts: list[str]) -> None:
         """arq's _cancel_aborted_jobs, on the abort requests the poll read: cancel ours."""
@@ -233,7 +240,8 @@ class FlowWorker(Worker):
         try:
             await self._run_claimed(claimed)
         finally:
-            self.wakeup.event.set()  # a slot is free
+            if self._ready_left:
+                self.wakeup.event.set()  # a slot is free for a job the last poll left
 
     async def _run_claimed(self, claimed: Claimed) -> None:
         job = _Job(claimed.job_id, claimed.job_try, timestamp_ms())
@@ -347,6 +355,8 @@ class FlowWorker(Worker):
     ) -> None:
         """Write the job's end with the finisher; a cancel (a stop) while it waits does not undo it."""
         keep_ms = 0 if self.keep_result_forever else int(self.keep_result_s * 1000)
+        # released to run again: Redis publishes no event for a release with its score unchanged
+        self._ready_left = self._ready_left or not finish
         await asyncio.shield(self.finisher.finish(Ending(job_id, finish, result, keep_ms, incr_score)))
 
     async def _until_done(self, what: str, call: Any, *args: Any) -> None:
