@@ -8,6 +8,11 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from arq.connections import ArqRedis
+from redis.asyncio.sentinel import MasterNotFoundError
+
+from flowworker.infrastructure import count_redis_reconnects, create_redis
+from flowworker.settings import Settings, load_settings
 
 from .conftest import Stack, open_stack
 from .servers import RedisServer, SentinelGroup, free_port
@@ -96,3 +101,49 @@ async def test_after_a_failover_the_same_worker_runs_the_new_masters_jobs(
     # on the Sentinel pool's connection class)
     assert (await scrape(port))[('flowworker_redis_reconnects_total', ())] >= 1
     assert worker.stop() == 0
+
+
+def sentinel_settings(sentinels: SentinelGroup, master: str = SentinelGroup.NAME) -> Settings:
+    return load_settings(
+        None,
+        database_url='postgresql://u:p@127.0.0.1:1/app',
+        redis_sentinels=sentinels.address,
+        redis_sentinel_master=master,
+        redis_sentinel_password=SentinelGroup.PASSWORD,
+        redis_username='worker',
+        redis_password='worker-password',
+        redis_db=str(DB),
+    )
+
+
+async def test_the_pool_closes_its_sentinel_connections_and_retries_at_start(
+    sentinels: SentinelGroup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    for name in ('REDIS_URL', 'REDIS_HOST'):
+        monkeypatch.delenv(name, raising=False)
+
+    def sentinel_clients() -> int:
+        with sentinels.client() as sentinel:
+            return len(sentinel.client_list())
+
+    before = sentinel_clients()
+    redis = await create_redis(sentinel_settings(sentinels))
+    assert isinstance(redis, ArqRedis)
+    assert redis.default_queue_name == 'arq:queue:default'
+    await count_redis_reconnects(redis, lambda: None)  # SentinelManagedConnection takes the mixin
+    assert await redis.set('arq:probe', b'1')
+    assert sentinel_clients() > before
+    await redis.aclose(close_connection_pool=True)
+    assert sentinel_clients() == before
+
+    # a master no sentinel knows: PING tried once more, logged, then the error
+    with pytest.raises(MasterNotFoundError):
+        await create_redis(sentinel_settings(sentinels, 'no-such-master'), connect_retries=1)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == 'flowworker.infrastructure']
+    assert warning.startswith(
+        f"cannot reach the Redis master 'no-such-master' through the sentinels {sentinels.address} "
+        '(MasterNotFoundError: '
+    )
+    assert warning.endswith(', 1 retries remaining')
+    assert SentinelGroup.PASSWORD not in warning
+    assert sentinel_clients() == before
