@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -177,15 +178,26 @@ class Stack:
 
 @pytest.fixture
 async def stack(redis_server: RedisServer, database: dict[str, str], tmp_path: Path) -> AsyncIterator[Stack]:
+    async with open_stack(
+        {'REDIS_URL': redis_server.worker_url}, redis_server.url, database, tmp_path
+    ) as stack:
+        yield stack
+
+
+@contextlib.asynccontextmanager
+async def open_stack(
+    redis_env: dict[str, str], admin_url: str, database: dict[str, str], logs: Path
+) -> AsyncIterator[Stack]:
+    """A clean slate on Redis (``admin_url``) and the task records; workers reach Redis with ``redis_env``."""
     env = {
         'DATABASE_URL': database['worker'],
-        'REDIS_URL': redis_server.worker_url,
+        **redis_env,
         'FLOWWORKER_FLOW_MODULES': 'flows_for_tests',
         'PROJECT_ROOT': str(TESTS),
         'FLOWWORKER_HEARTBEAT_INTERVAL': '1',
         'LOG_LEVEL': 'INFO',
     }
-    stack = Stack(env, redis_server.url, database['owner'], tmp_path)
+    stack = Stack(env, admin_url, database['owner'], logs)
     await stack.connect()
     await stack.redis.flushall()
     await stack.db.execute('TRUNCATE flow_task_attempts')

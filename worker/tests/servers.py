@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import redis
+
 from flowworker.acl import RULES
 
 WORKER_ROOT = Path(__file__).resolve().parent.parent
@@ -43,8 +45,9 @@ class RedisServer:
     ``worker`` and the monitors as ``monitor``, so a command their rules leave out fails a test.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, extra: Sequence[str] = ()) -> None:
         self.directory = directory
+        self.extra = extra  # more configuration, as redis-server's command-line options
         self.port = free_port()
         self.url = self.url_of('admin')
         self.worker_url = self.url_of('worker')
@@ -76,6 +79,7 @@ class RedisServer:
                 '--loglevel',
                 'warning',
                 *(arg for user in users for arg in user),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
         )
@@ -90,6 +94,78 @@ class RedisServer:
         )
         assert self.process is not None
         self.process.wait(10)
+
+
+class SentinelGroup:
+    """A master, one replica and one Redis Sentinel that watches them (quorum 1), for failovers.
+
+    Both data nodes are :class:`RedisServer` (flowworker's ACL users, ``default`` off); the
+    replica and the sentinel log in to them as ``admin``. The sentinel has a password of its own.
+    """
+
+    NAME = 'flowmaster'
+    PASSWORD = 'sentinel-password'
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        # either may be the replica after a failover: both log in to their master as admin
+        auth = ('--masteruser', 'admin', '--masterauth', 'admin-password')
+        (directory / 'a').mkdir()
+        (directory / 'b').mkdir()
+        self.nodes = [RedisServer(directory / 'a', auth)]
+        self.nodes.append(
+            RedisServer(directory / 'b', (*auth, '--replicaof', '127.0.0.1', str(self.nodes[0].port)))
+        )
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def address(self) -> str:
+        """``REDIS_SENTINELS``."""
+        return f'127.0.0.1:{self.port}'
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(port=self.port, password=self.PASSWORD, decode_responses=True)
+
+    def master(self) -> RedisServer:
+        """The node the sentinel names master now."""
+        with self.client() as sentinel:
+            _, port = sentinel.sentinel_get_master_addr_by_name(self.NAME)
+        return next(node for node in self.nodes if node.port == int(port))
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        config = self.directory / 'sentinel.conf'  # the sentinel rewrites it as it learns
+        config.write_text(
+            f'port {self.port}\nbind 127.0.0.1\ndir {self.directory}\nlogfile {self.directory}/sentinel.log\n'
+            f'requirepass {self.PASSWORD}\n'
+            f'sentinel monitor {self.NAME} 127.0.0.1 {self.nodes[0].port} 1\n'
+            f'sentinel down-after-milliseconds {self.NAME} 1000\n'
+            f'sentinel failover-timeout {self.NAME} 5000\n'
+            f'sentinel auth-user {self.NAME} admin\nsentinel auth-pass {self.NAME} admin-password\n'
+        )
+        self.process = subprocess.Popen(
+            ['redis-server', str(config), '--sentinel'], stdout=subprocess.DEVNULL
+        )
+        wait_until(lambda: _port_open(self.port), 10, 'redis-sentinel start')
+        wait_until(self.replica_ready, 20, 'the sentinel to see the replica in sync')
+
+    def replica_ready(self) -> bool:
+        """The sentinel sees a replica in sync, so SENTINEL FAILOVER has one to promote."""
+        with self.client() as sentinel:
+            return any(
+                not (replica['is_sdown'] or replica['is_disconnected'])
+                and replica['master-link-status'] == 'ok'
+                for replica in sentinel.sentinel_slaves(self.NAME)
+            )
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+        for node in self.nodes:
+            node.stop(save=False)
 
 
 class PostgresServer:

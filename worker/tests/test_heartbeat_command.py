@@ -191,8 +191,8 @@ def test_without_redis_url_is_exit_2_as_for_every_command() -> None:
     done = flowworker('heartbeat', 'delete', 'web-1', env={}, inherit=False)
 
     assert done.returncode == 2
-    assert done.stderr == 'flowworker: error: REDIS_URL is not set (nor REDIS_HOST)\n'
-    assert json.loads(done.stdout) == {'msg': 'REDIS_URL is not set (nor REDIS_HOST)'}
+    assert done.stderr == 'flowworker: error: REDIS_URL is not set (nor REDIS_HOST, nor REDIS_SENTINELS)\n'
+    assert json.loads(done.stdout) == {'msg': 'REDIS_URL is not set (nor REDIS_HOST, nor REDIS_SENTINELS)'}
 
 
 async def test_the_deploy_tools_entry_point_is_the_same_command_without_the_database_stack(

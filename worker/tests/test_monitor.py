@@ -66,7 +66,7 @@ BAD = [
     ({'MONITOR_PORT': '0'}, [], 'MONITOR_PORT: Input should be greater than or equal to 1'),
     ({}, ['--port', 'http'], '--port: Input should be a valid integer'),
     ({'MONITOR_TOKEN': 'hunter2'}, [], 'MONITOR_TOKEN: must be at least 16 characters'),
-    ({'REDIS_URL': None}, [], 'REDIS_URL is not set (nor REDIS_HOST)'),
+    ({'REDIS_URL': None}, [], 'REDIS_URL is not set (nor REDIS_HOST, nor REDIS_SENTINELS)'),
     ({'DATABASE_URL': None}, [], 'DATABASE_URL is not set'),
 ]
 

@@ -153,6 +153,102 @@ def test_redis_settings(
     assert (redis.host, redis.port, redis.database, redis.username, redis.password, redis.ssl) == expected
 
 
+def test_redis_through_sentinels(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env_file = tmp_path / 'sentinel.env'
+    env_file.write_text(
+        'REDIS_SENTINELS=s1:26379, s2:26380,[fd00::3]:26381\nREDIS_SENTINEL_MASTER=from-file\n'
+    )
+    for name, value in {
+        'DATABASE_URL': CONNECTIONS['DATABASE_URL'],
+        'REDIS_SENTINEL_MASTER': 'main',  # the environment over the file
+        'REDIS_SENTINEL_PASSWORD': 'sentinel-pw',
+        'REDIS_SENTINEL_TLS': 'true',
+        # the master's and the replicas' own settings
+        'REDIS_DB': '2',
+        'REDIS_USERNAME': 'app',
+        'REDIS_PASSWORD': 'pw',
+        'REDIS_TLS': 'true',
+    }.items():
+        monkeypatch.setenv(name, value)
+
+    settings = load_settings(env_file)
+    settings.require_redis()  # without REDIS_URL or REDIS_HOST
+    redis = settings.redis_settings()
+
+    # what an arq producer would give arq, the database for the wake-up's keyspace channel
+    assert (redis.host, redis.sentinel, redis.sentinel_master) == (
+        [('s1', 26379), ('s2', 26380), ('fd00::3', 26381)],
+        True,
+        'main',
+    )
+    assert (redis.database, redis.username, redis.password, redis.ssl) == (2, 'app', 'pw', True)
+    assert settings.redis_sentinel_password is not None
+    assert settings.redis_sentinel_password.get_secret_value() == 'sentinel-pw'
+    assert settings.redis_sentinel_tls
+
+
+SENTINELS = {'REDIS_URL': None, 'REDIS_SENTINELS': 's1:26379,s2:26379', 'REDIS_SENTINEL_MASTER': 'main'}
+FORM = (
+    'REDIS_SENTINELS: must be comma-separated host:port entries, e.g. sentinel-1:26379,sentinel-2:26379 '
+    '([::1]:26379 for IPv6)'
+)
+ONLY_ONE = 'only one may be set (with sentinels, they name the Redis to connect to)'
+# (environment over SENTINELS, the whole error)
+BAD_SENTINELS: list[tuple[dict[str, str | None], str]] = [
+    ({'REDIS_SENTINELS': 's1:26379,s2'}, f'{FORM} (got entry 2, one with no :port)'),
+    (
+        {'REDIS_SENTINELS': 's1:65536'},
+        f'{FORM} (got entry 1, a port that is not 1 to 65535)',
+    ),
+    ({'REDIS_SENTINELS': ':26379'}, f'{FORM} (got entry 1, one that names no host)'),
+    (
+        {'REDIS_SENTINELS': '::1:26379'},
+        f'{FORM} (got entry 1, an IPv6 address without [brackets])',
+    ),
+    # a URL pasted by mistake: told without its password
+    (
+        {'REDIS_SENTINELS': 'redis://:hunter2@s1:26379'},
+        f'{FORM} (got entry 1, a URL or a path)',
+    ),
+    (
+        {'REDIS_SENTINEL_MASTER': None},
+        'REDIS_SENTINEL_MASTER: must be set with REDIS_SENTINELS (the name the sentinels know the master by)',
+    ),
+    (
+        {'REDIS_SENTINEL_MASTER': ''},
+        'REDIS_SENTINEL_MASTER: must be set with REDIS_SENTINELS (the name the sentinels know the master by)',
+    ),
+    (
+        {'REDIS_URL': 'redis://:hunter2@cache:6379/0'},
+        f'REDIS_URL and REDIS_SENTINELS: {ONLY_ONE}',
+    ),
+    (
+        {'REDIS_HOST': 'cache'},
+        f'REDIS_HOST and REDIS_SENTINELS: {ONLY_ONE}',
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ('environment', 'message'),
+    BAD_SENTINELS,
+    ids=[f'{next(iter(e))}-{i}' for i, (e, _) in enumerate(BAD_SENTINELS)],
+)
+def test_a_bad_sentinel_setting_is_one_error_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, environment: dict[str, str | None], message: str
+) -> None:
+    monkeypatch.setenv('DATABASE_URL', CONNECTIONS['DATABASE_URL'])
+    for name, value in {**SENTINELS, **environment}.items():
+        if value is not None:
+            monkeypatch.setenv(name, value)
+
+    with pytest.raises(SettingsError) as raised:
+        load_settings()
+
+    assert str(raised.value) == message
+    assert 'hunter2' not in str(raised.value)
+
+
 def test_a_missing_env_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match=r'--env-file .*nope\.env: no such file'):
         load_settings(tmp_path / 'nope.env')
@@ -165,7 +261,7 @@ BAD = [
         [],
         'DATABASE_URL is not set (nor DATABASE_HOST, DATABASE_NAME and DATABASE_USER)',
     ),
-    ({'REDIS_URL': None}, [], 'REDIS_URL is not set (nor REDIS_HOST)'),
+    ({'REDIS_URL': None}, [], 'REDIS_URL is not set (nor REDIS_HOST, nor REDIS_SENTINELS)'),
     ({'FLOWWORKER_MAX_JOBS': '0'}, [], 'FLOWWORKER_MAX_JOBS: Input should be greater than or equal to 1'),
     ({}, ['--max-jobs', 'many'], '--max-jobs: Input should be a valid integer'),
     ({}, ['--job-timeout', '-1'], '--job-timeout: Input should be greater than 0'),

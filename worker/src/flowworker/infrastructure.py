@@ -3,20 +3,28 @@
 ``initialize()`` builds both from the settings; ``Infrastructure.shutdown()`` closes both.
 SQLAlchemy and asyncpg load when an engine is made: a command that needs Redis alone
 (``heartbeat_cli.py``) starts without them.
+
+With ``REDIS_SENTINELS`` the Redis pool is redis-py's Sentinel pool, not arq's: arq's sentinel
+branch leaves out TLS, the pool's retry settings and the sentinels' own AUTH. Its connections
+ask the sentinels for the master each time they connect, so after a failover every connection
+the old master closes (or that it answers READONLY, as a replica) comes back on the new one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from arq.connections import ArqRedis, create_pool
+from arq.connections import ArqRedis, RedisSettings, create_pool
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError
@@ -27,6 +35,8 @@ from .settings import Settings, load_settings
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
     from sqlalchemy.pool import ConnectionPoolEntry
+
+logger = logging.getLogger('flowworker.infrastructure')
 
 REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 # Redis answers but refuses writes for now (out of memory, a read-only replica): wait and try again
@@ -68,13 +78,90 @@ def create_engine(settings: Settings, application_name: str = 'flowworker') -> A
 
 
 async def create_redis(settings: Settings, connect_retries: int = 5) -> ArqRedis:
+    """The Redis pool of ``settings`` once Redis answers a PING, trying ``connect_retries`` more
+    times a second apart (arq's ``conn_retries``)."""
     redis_settings = settings.redis_settings()
     redis_settings.conn_retries = connect_retries
-    # a command on a connection that broke (Redis restarted) is retried on a fresh one;
-    # longer outages reach the worker's loops, which log and back off
+    # a command on a connection that broke (Redis restarted, a failover) is retried on a fresh
+    # one; longer outages reach the worker's loops, which log and back off
     redis_settings.retry = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3)
     redis_settings.retry_on_error = [RedisConnectionError, RedisTimeoutError]
-    return await create_pool(redis_settings, default_queue_name=settings.queue_key)
+    if not redis_settings.sentinel:
+        return await create_pool(redis_settings, default_queue_name=settings.queue_key)
+    redis = _sentinel_master(settings, redis_settings)
+    where = f'the Redis master {settings.redis_sentinel_master!r} through the sentinels ' + ','.join(
+        f'{host}:{port}' for host, port in settings.redis_sentinels
+    )
+    try:
+        await _ping(redis, redis_settings, where)
+    except BaseException:
+        await redis.aclose()
+        raise
+    return redis
+
+
+class SentinelArqRedis(ArqRedis):
+    """An ArqRedis on the master the sentinels name; closing its pool closes its connections to the
+    sentinels too (redis-py's Sentinel leaves them open)."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        closing = close_connection_pool or (close_connection_pool is None and self.auto_close_connection_pool)
+        await super().aclose(close_connection_pool)
+        pool = self.connection_pool
+        if closing and isinstance(pool, SentinelConnectionPool):
+            for sentinel in pool.sentinel_manager.sentinels:
+                await sentinel.aclose()
+
+
+def _sentinel_master(settings: Settings, redis_settings: RedisSettings) -> SentinelArqRedis:
+    """The pool of the master, its connections made as arq's ``create_pool`` makes them (TLS,
+    timeouts, retries), the sentinels reached with their own user, password and TLS."""
+    tls = {
+        'ssl': True,
+        'ssl_cert_reqs': redis_settings.ssl_cert_reqs,
+        'ssl_ca_certs': redis_settings.ssl_ca_certs,
+        'ssl_check_hostname': redis_settings.ssl_check_hostname,
+    }
+    password = settings.redis_sentinel_password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]  # redis-py is partly typed
+        settings.redis_sentinels,
+        sentinel_kwargs={
+            'username': settings.redis_sentinel_username,
+            'password': password.get_secret_value() if password else None,
+            # a sentinel that does not answer is skipped for the next one
+            'socket_connect_timeout': redis_settings.conn_timeout,
+            'socket_timeout': redis_settings.conn_timeout,
+            **(tls if settings.redis_sentinel_tls else {}),
+        },
+        db=redis_settings.database,
+        username=redis_settings.username,
+        password=redis_settings.password,
+        encoding='utf8',
+        socket_connect_timeout=redis_settings.conn_timeout,
+        retry=redis_settings.retry,
+        retry_on_timeout=redis_settings.retry_on_timeout,
+        retry_on_error=redis_settings.retry_on_error,
+        max_connections=redis_settings.max_connections,
+        **(tls if redis_settings.ssl else {}),
+    )
+    redis = sentinel.master_for(redis_settings.sentinel_master, redis_class=SentinelArqRedis)
+    assert isinstance(redis, SentinelArqRedis)
+    redis.default_queue_name = settings.queue_key
+    return redis
+
+
+async def _ping(redis: Redis, redis_settings: RedisSettings, where: str) -> None:
+    """PING until Redis answers, as arq's ``create_pool`` does: ``conn_retries`` more tries,
+    ``conn_retry_delay`` seconds apart, each logged; the last error is raised."""
+    for left in range(redis_settings.conn_retries, -1, -1):
+        try:
+            await redis.ping()
+            return
+        except REDIS_ERRORS as e:
+            if not left:
+                raise
+            logger.warning('cannot reach %s (%s), %d retries remaining', where, describe_error(e), left)
+            await asyncio.sleep(redis_settings.conn_retry_delay)
 
 
 async def initialize(
@@ -142,8 +229,10 @@ class _CountsReconnects(AbstractConnection):
 async def count_redis_reconnects(redis: Redis, reconnected: Callable[[], None]) -> None:
     """Call ``reconnected`` whenever a connection of ``redis``'s pool replaces one an error ended.
 
-    The pool's connection class (TCP, TLS or Unix socket, as arq chose) gets the counting mixin;
-    the connections made so far (arq's start-up ping) are closed, so every later one counts.
+    The pool's connection class (TCP, TLS or Unix socket, as arq chose, or the Sentinel pool's
+    SentinelManagedConnection, which asks the sentinels for the master before it connects) gets
+    the counting mixin; the connections made so far (the start-up ping) are closed, so every
+    later one counts.
     """
     pool = redis.connection_pool
     await pool.disconnect()

@@ -27,7 +27,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from .urls import database_url_problem, redis_url_problem
+from .urls import database_url_problem, parse_sentinels, redis_url_problem
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
@@ -98,6 +98,24 @@ class Settings(BaseSettings):
     redis_tls: bool = _env('REDIS_TLS', 'connect to Redis over TLS (implied by rediss://)', default=False)
     redis_tls_ca_certs: Path | None = _env(
         'REDIS_TLS_CA_CERTS', 'CA bundle that signs the Redis server certificate', default=None
+    )
+    redis_sentinels: Annotated[list[tuple[str, int]], NoDecode] = _env(
+        'REDIS_SENTINELS',
+        'Redis Sentinels, comma-separated host:port, that name the master to connect to '
+        '(instead of REDIS_URL or REDIS_HOST)',
+        default=[],
+    )
+    redis_sentinel_master: str | None = _env(
+        'REDIS_SENTINEL_MASTER', 'the name the sentinels know the master by', default=None
+    )
+    redis_sentinel_username: str | None = _env(
+        'REDIS_SENTINEL_USERNAME', 'ACL user on the sentinels (their own AUTH)', default=None
+    )
+    redis_sentinel_password: SecretStr | None = _env(
+        'REDIS_SENTINEL_PASSWORD', 'password of the sentinels (their own AUTH)', default=None
+    )
+    redis_sentinel_tls: bool = _env(
+        'REDIS_SENTINEL_TLS', 'connect to the sentinels over TLS (with REDIS_TLS_CA_CERTS)', default=False
     )
 
     # --- the worker -------------------------------------------------------------------------
@@ -208,6 +226,11 @@ class Settings(BaseSettings):
             return [m.strip() for m in value.split(',') if m.strip()]
         return value
 
+    @field_validator('redis_sentinels', mode='before')
+    @classmethod
+    def _split_sentinels(cls, value: object) -> object:
+        return parse_sentinels(value) if isinstance(value, str) else value
+
     @field_validator('worker_id', mode='after')
     @classmethod
     def _default_worker_id(cls, value: str) -> str:
@@ -249,6 +272,25 @@ class Settings(BaseSettings):
             )
         return self
 
+    @model_validator(mode='after')
+    def _check_sentinels(self) -> Settings:
+        if not self.redis_sentinels:
+            return self
+        # the errors name the settings, each as it was given (see _describe)
+        if direct := tuple(f for f in ('redis_url', 'redis_host') if getattr(self, f)):
+            raise PydanticCustomError(
+                'settings_conflict',
+                'only one may be set (with sentinels, they name the Redis to connect to)',
+                {'fields': (*direct, 'redis_sentinels')},
+            )
+        if not self.redis_sentinel_master:
+            raise PydanticCustomError(
+                'settings_conflict',
+                'must be set with REDIS_SENTINELS (the name the sentinels know the master by)',
+                {'fields': ('redis_sentinel_master',)},
+            )
+        return self
+
     @property
     def metrics_serving_port(self) -> int:
         """The port this process serves its metrics on (0: none): the metrics port plus its offset."""
@@ -263,8 +305,8 @@ class Settings(BaseSettings):
             )
 
     def require_redis(self) -> None:
-        if self.redis_url is None and not self.redis_host:
-            raise SettingsError('REDIS_URL is not set (nor REDIS_HOST)')
+        if self.redis_url is None and not self.redis_host and not self.redis_sentinels:
+            raise SettingsError('REDIS_URL is not set (nor REDIS_HOST, nor REDIS_SENTINELS)')
 
     @property
     def queue_key(self) -> str:
@@ -299,7 +341,19 @@ class Settings(BaseSettings):
         return url.set(drivername='postgresql+asyncpg', query=query), connect_args
 
     def redis_settings(self) -> RedisSettings:
-        if self.redis_url is not None:
+        """arq's settings for this Redis. With sentinels, what an arq producer gives arq for them:
+        ``infrastructure.create_redis`` connects itself, with what arq leaves out (TLS to the master
+        and the sentinels, the sentinels' own AUTH)."""
+        if self.redis_sentinels:
+            settings = RedisSettings(
+                host=list(self.redis_sentinels),
+                sentinel=True,
+                sentinel_master=self.redis_sentinel_master or '',
+                database=self.redis_db,
+                username=self.redis_username,
+                password=self.redis_password.get_secret_value() if self.redis_password else None,
+            )
+        elif self.redis_url is not None:
             settings = RedisSettings.from_dsn(self.redis_url.get_secret_value())
             # arq passes the URL's user and password on as written: decode them (a password with
             # @ : / % must be percent-encoded in a URL); redis://:password@host parses as user ''
@@ -344,10 +398,15 @@ def load_settings(
         ) from None
 
 
+# errors of several settings at once (model validators), and how their names are joined
+JOINED = {'settings_sum': ' + ', 'settings_conflict': ' and '}
+
+
 def _describe(error: Any, overrides: dict[str, Any], options: Mapping[str, str]) -> str:
     message = str(error['msg']).removeprefix('Value error, ')
-    if error['type'] == 'settings_sum':
-        return f'{" + ".join(_source(f, overrides, options) for f in error["ctx"]["fields"])}: {message}'
+    if error['type'] in JOINED:
+        named = JOINED[error['type']].join(_source(f, overrides, options) for f in error['ctx']['fields'])
+        return f'{named}: {message}'
     if not error['loc']:
         return message
     field = str(error['loc'][0])
