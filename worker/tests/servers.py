@@ -100,7 +100,8 @@ class SentinelGroup:
     """A master, one replica and one Redis Sentinel that watches them (quorum 1), for failovers.
 
     Both data nodes are :class:`RedisServer` (flowworker's ACL users, ``default`` off); the
-    replica and the sentinel log in to them as ``admin``. The sentinel has a password of its own.
+    replica logs in to its master as ``replica``, the sentinel to both as ``sentinel``, with
+    nothing more than those users' rules allow. The sentinel has a password of its own.
     """
 
     NAME = 'flowmaster'
@@ -108,8 +109,8 @@ class SentinelGroup:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        # either may be the replica after a failover: both log in to their master as admin
-        auth = ('--masteruser', 'admin', '--masterauth', 'admin-password')
+        # either may be the replica after a failover: both log in to their master as replica
+        auth = ('--masteruser', 'replica', '--masterauth', 'replica-password')
         (directory / 'a').mkdir()
         (directory / 'b').mkdir()
         self.nodes = [RedisServer(directory / 'a', auth)]
@@ -143,7 +144,7 @@ class SentinelGroup:
             f'sentinel monitor {self.NAME} 127.0.0.1 {self.nodes[0].port} 1\n'
             f'sentinel down-after-milliseconds {self.NAME} 1000\n'
             f'sentinel failover-timeout {self.NAME} 5000\n'
-            f'sentinel auth-user {self.NAME} admin\nsentinel auth-pass {self.NAME} admin-password\n'
+            f'sentinel auth-user {self.NAME} sentinel\nsentinel auth-pass {self.NAME} sentinel-password\n'
         )
         self.process = subprocess.Popen(
             ['redis-server', str(config), '--sentinel'], stdout=subprocess.DEVNULL

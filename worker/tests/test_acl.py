@@ -1,4 +1,5 @@
-"""flowworker's Redis ACL users: what the worker and the monitor may not do (the tests run as them)."""
+"""flowworker's Redis ACL users: what the worker, the monitor and the servers' own users (replica,
+sentinel) may not do. The tests run as them; test_sentinel.py replicates and fails over with them."""
 
 from __future__ import annotations
 
@@ -36,8 +37,8 @@ async def admin(redis_server: RedisServer) -> AsyncIterator[Redis]:
         await client.aclose()
 
 
-@pytest.mark.parametrize('user', ['worker', 'monitor'])
-async def test_the_worker_and_monitor_users_are_refused_what_they_do_not_need(
+@pytest.mark.parametrize('user', ['worker', 'monitor', 'replica', 'sentinel'])
+async def test_the_client_and_server_users_are_refused_what_they_do_not_need(
     admin: Redis, redis_server: RedisServer, user: str
 ) -> None:
     # ACL DRYRUN: what the user may run, asked without running it (SHUTDOWN among them)
@@ -74,8 +75,15 @@ async def test_the_monitor_user_may_not_subscribe(redis_server: RedisServer) -> 
         await monitor.aclose()
 
 
+@pytest.mark.parametrize('user', ['replica', 'sentinel'])
+async def test_the_server_users_reach_no_key(admin: Redis, user: str) -> None:
+    for command in [('GET', 'arq:job:x'), ('ZRANGE', 'arq:queue:default', '0', '-1'), ('SCAN', '0')]:
+        answer = await admin.acl_dryrun(user, *command)  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+        assert b'no permissions' in answer, (user, command)
+
+
 def test_an_unknown_role_is_refused_naming_the_roles() -> None:
-    with pytest.raises(ValueError, match='worker, monitor, admin'):
+    with pytest.raises(ValueError, match='worker, monitor, admin, replica, sentinel'):
         acl_rules('producer')
     assert acl_rules('admin') == '~* &* +@all'
 

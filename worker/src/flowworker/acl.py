@@ -16,6 +16,14 @@ so a command the rules leave out fails a test, not a fleet.
   nothing it could not do before, only do it atomically; EVAL of script text stays refused.
 - ``monitor``: arq's keys, reads and writes (a cancel, a purge), no channel, no dangerous command.
 - ``admin``: everything, for operators (``redis-cli --user admin --askpass KEYS 'arq:worker:*'``).
+
+With Redis's replication and Sentinel, the servers log in to each other too; their users get
+what Redis's own replication and Sentinel send, no key and no other command:
+
+- ``replica``: what a replica sends its master (``masteruser``): PING, REPLCONF, PSYNC.
+- ``sentinel``: what a Redis Sentinel sends the servers it watches (``sentinel auth-user``): INFO
+  and ROLE to learn the topology, the hello channel it shares with the other sentinels, and a
+  failover's MULTI, REPLICAOF (SLAVEOF), CONFIG REWRITE, CLIENT KILL and SCRIPT KILL.
 """
 
 from __future__ import annotations
@@ -43,11 +51,31 @@ RULES: dict[str, tuple[str, ...]] = {
     ),
     'monitor': ('resetkeys', '~arq:*', 'resetchannels', *_DATA, *_NO_DANGER),
     'admin': ('~*', '&*', '+@all'),
+    'replica': ('resetkeys', 'resetchannels', '-@all', '+ping', '+replconf', '+psync'),
+    'sentinel': (
+        'resetkeys',
+        'resetchannels',
+        '&__sentinel__:hello',
+        '-@all',
+        '+ping',
+        '+info',
+        '+role',
+        '+subscribe',
+        '+publish',
+        '+client|setname',
+        '+client|kill',
+        '+multi',
+        '+exec',
+        '+slaveof',
+        '+replicaof',
+        '+config|rewrite',
+        '+script|kill',
+    ),
 }
 
 
 def acl_rules(role: str) -> str:
-    """The rules of ``role`` (worker, monitor or admin), as ``ACL SETUSER`` and an ACL file take them."""
+    """The rules of ``role`` (worker, monitor, admin, replica, sentinel), as ``ACL SETUSER`` takes them."""
     if role not in RULES:
         raise ValueError(f'role must be one of {", ".join(RULES)} (got {role!r})')
     return ' '.join(RULES[role])
