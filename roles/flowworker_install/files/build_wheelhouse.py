@@ -56,6 +56,11 @@ SKIP_DIRS = {
 }
 
 
+def left_out(directory: str, names: list[str]) -> set[str]:
+    """What neither the source hash nor the build's copy of a source tree takes."""
+    return {n for n in names if n in SKIP_DIRS or n.endswith(('.egg-info', '.pyc', '.pyo'))}
+
+
 def source_hash(paths: list[Path]) -> str:
     digest = hashlib.sha256()
     for root in paths:
@@ -193,6 +198,12 @@ def build(
     tmp = Path(tempfile.mkdtemp(prefix='.wheelhouse-', dir=out.parent))
     try:
         local = tmp / 'local'
+        # setuptools builds in the source tree (build/, *.egg-info): two runs building the same tree
+        # at once (parallel deploys, test scenarios) break each other's build, so each builds a copy
+        copies = [
+            Path(shutil.copytree(source, tmp / 'sources' / f'{i}-{source.name}', ignore=left_out))
+            for i, source in enumerate(sources)
+        ]
         # Reproducible wheels: the same sources give the same bytes, hence the same wheelhouse id,
         # so rebuilding unchanged sources never makes the hosts switch versions and restart.
         env = {**os.environ, 'SOURCE_DATE_EPOCH': os.environ.get('SOURCE_DATE_EPOCH', '315532800')}
@@ -206,7 +217,7 @@ def build(
                 '--no-deps',
                 '-w',
                 str(local),
-                *map(str, sources),
+                *map(str, copies),
             ],
             check=True,
             stdout=sys.stderr,
