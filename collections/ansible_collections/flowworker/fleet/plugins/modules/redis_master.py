@@ -149,8 +149,9 @@ def ask(cli: Sequence[str], address: str, password: str, *command: str) -> list[
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = done.stdout.splitlines()
-    # an error reply (NOAUTH, WRONGPASS, NOPERM ...) is no answer either
-    if done.returncode != 0 or not lines or ERROR.match(lines[0]):
+    # an error reply (NOAUTH, WRONGPASS, NOPERM ...) is no answer either, nor one given after a
+    # failed AUTH (redis-cli then goes on as the default user: a Redis not yet configured, say)
+    if done.returncode != 0 or not lines or ERROR.match(lines[0]) or 'AUTH failed' in done.stderr:
         return None
     return lines
 
@@ -241,7 +242,8 @@ def _ask_nodes(p: dict[str, Any]) -> str | None:
         return role_answer(ask([*auth, *p['node_cli']], node, p['node_password'], 'ROLE'), node)
 
     if p['kind'] == 'server':
-        return role(p['address'])
+        # only a node started from its state file runs this role's configuration
+        return role(p['address']) if os.path.exists(p['state_file']) else None
     # the first node that says it is the master itself
     return next((node for node in p['nodes'] if role(node) == node), None)
 
