@@ -29,6 +29,30 @@ def test_a_problem_names_the_variable_and_never_the_url() -> None:
     )
 
 
+def test_addresses_are_checked_as_redis_sentinels_takes_them() -> None:
+    check = FILTERS['redis_addresses_problem']
+    assert check(['redis-1:6379', '[::1]:6379'], 'redis_server_replication_nodes') == ''
+    assert check([]) == ''
+    assert check(['redis-1:6379', 'redis://:pw@redis-2:6379'], 'nodes') == (
+        'nodes must be comma-separated host:port entries, e.g. sentinel-1:26379,sentinel-2:26379 '
+        '([::1]:26379 for IPv6) (got entry 2, a URL or a path)'
+    )
+    assert 'got entry 1, one with no :port' in check(['redis-1'])
+    assert 'one address each' in check(['a:1,b:1'])
+    assert 'one address each' in check(['a:1', ''])
+
+
+def test_the_addresses_of_inventory_hosts_are_their_stack_address_else_their_name() -> None:
+    hostvars = {
+        'redis-1': {'stack_address': '10.0.0.5'},
+        'redis-2': {},
+        'redis-3': {'stack_address': 'fd00::3'},
+    }
+    found = FILTERS['addresses'](['redis-1', 'redis-2', 'redis-3'], hostvars, 26379)
+    assert found == ['10.0.0.5:26379', 'redis-2:26379', '[fd00::3]:26379']
+    assert FILTERS['redis_addresses_problem'](found) == ''
+
+
 def test_the_sandbox_writes_only_the_paths_given_and_keeps_a_low_port_s_one_capability() -> None:
     worker = FILTERS['systemd_sandbox'](['/var/log/arq-worker']).splitlines()
     assert worker[-1] == 'ReadWritePaths=/var/log/arq-worker'

@@ -136,7 +136,7 @@ def test_config_files_are_private_and_the_password_stays_out_of_redis_conf(host)
     assert (conf.user, conf.group, conf.mode) == ('redis', 'redis', 0o640)
     assert 'requirepass' not in conf.content_string
     assert 'user ' not in conf.content_string
-    assert conf.contains('^include /etc/redis/redis-auth.conf$')
+    assert conf.contains('^aclfile /etc/redis/redis-auth.conf$')
     auth = host.file('/etc/redis/redis-auth.conf')
     assert (auth.user, auth.group, auth.mode) == ('redis', 'redis', 0o640)
     lines = auth.content_string.splitlines()
@@ -194,3 +194,13 @@ def test_data_survives_a_restart(host):
     assert host.run('systemctl restart redis-server').rc == 0
     assert cli(host, 'GET', 'molecule:durable').stdout.strip() == 'yes'
     cli(host, 'DEL', 'molecule:durable')
+
+
+def test_redis_starts_from_its_state_file_with_the_roles_configuration_after_it(host):
+    state = host.file('/etc/redis/redis-state.conf')
+    assert (state.user, state.group, state.mode) == ('redis', 'redis', 0o640)
+    # a standalone Redis is its own master: nothing but the role's header
+    assert [line for line in state.content_string.splitlines() if not line.startswith('#')] == []
+    start = host.check_output('systemctl show --property=ExecStart --value redis-server')
+    assert '/etc/redis/redis-state.conf --include /etc/redis/redis.conf' in start
+    assert cli(host, 'ROLE').stdout.splitlines()[0] == 'master'

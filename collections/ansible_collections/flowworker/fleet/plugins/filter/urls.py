@@ -2,11 +2,14 @@
 
 ``{{ arq_monitor_redis_url | flowworker.fleet.redis_url_problem('arq_monitor_redis_url') }}`` is
 ``''`` for a good URL, otherwise what is wrong, after the variable's name: never the URL (it may
-hold a password). ``{{ password | flowworker.fleet.url_quote }}`` percent-encodes every character
-a URL's user or password cannot hold as it is (``/`` too, which ``urlencode`` leaves).
-``{{ 'worker' | flowworker.fleet.redis_login(endpoint) }}`` is a Redis URL's ``user:password``
-for that user of the redis_server role's endpoint, or ``:password`` (Redis's default user) when
-the server has no users.
+hold a password). ``{{ nodes | flowworker.fleet.redis_addresses_problem('redis_server_replication_nodes') }}``
+does the same for a list of Redis or Sentinel addresses (``host:port``, ``[::1]:26379``), as
+``REDIS_SENTINELS`` takes them; ``{{ groups['redis_sentinels'] | flowworker.fleet.addresses(hostvars,
+26379) }}`` makes such a list of inventory hosts (their ``stack_address``, else their name).
+``{{ password | flowworker.fleet.url_quote }}`` percent-encodes every character a URL's user or
+password cannot hold as it is (``/`` too, which ``urlencode`` leaves). ``{{ 'worker' |
+flowworker.fleet.redis_login(endpoint) }}`` is a Redis URL's ``user:password`` for that user of the
+redis_server role's endpoint, or ``:password`` (Redis's default user) when the server has no users.
 """
 
 from __future__ import annotations
@@ -31,6 +34,30 @@ def redis_url_problem(url: Any, name: str = '') -> str:
     return _told(urls.redis_url_problem(str(url or '')), name)
 
 
+def redis_addresses_problem(addresses: Any, name: str = '') -> str:
+    entries = [str(entry) for entry in addresses or []]
+    if any(',' in entry or not entry.strip() for entry in entries):
+        return _told(
+            'must be a list of host:port entries, one address each (got an empty one or a list in one)', name
+        )
+    try:
+        urls.parse_sentinels(','.join(entries))
+    except ValueError as error:
+        return _told(str(error), name)
+    return ''
+
+
+def addresses(hosts: Any, hostvars: Any, port: Any) -> list[str]:
+    """``host:port`` of each inventory host as the others reach it: its ``stack_address``, else its
+    name (an IPv6 address in brackets)."""
+    found = []
+    for host in hosts or []:
+        # hostvars' values are templated as they are read: ask for stack_address alone
+        address = str(hostvars[host].get('stack_address', host))
+        found.append(f'[{address}]:{port}' if ':' in address else f'{address}:{port}')
+    return found
+
+
 def url_quote(value: Any) -> str:
     return quote(str(value), safe='')
 
@@ -53,6 +80,8 @@ class FilterModule:
         return {
             'database_url_problem': database_url_problem,
             'redis_url_problem': redis_url_problem,
+            'redis_addresses_problem': redis_addresses_problem,
+            'addresses': addresses,
             'url_quote': url_quote,
             'redis_login': redis_login,
         }
