@@ -149,6 +149,16 @@ def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
             "or unix:///path) (got scheme 'http')",
         ),
         (
+            {'redis_sentinels': ['s1:26379'], 'redis_sentinel_master': 'flowworker'},
+            'arq_worker_redis_url (with arq_worker_redis_sentinels) must be "": the sentinels name the Redis',
+        ),
+        (
+            {'redis_url': '', 'redis_sentinels': ['s1:26379', 's2'], 'redis_sentinel_master': ''},
+            'arq_worker_redis_sentinels must be comma-separated host:port entries, e.g. sentinel-1:26379,'
+            'sentinel-2:26379 ([::1]:26379 for IPv6) (got entry 2, one with no :port); '
+            'arq_worker_redis_sentinel_master must name the master.',
+        ),
+        (
             {'extra_env': {'REDIS_TLS_CA_CERTS': '/etc/ssl/ca.crt'}},
             'arq_worker_extra_env sets REDIS_TLS_CA_CERTS, which the role writes from arq_worker_redis_ca_',
         ),
@@ -230,6 +240,13 @@ def test_a_broken_rule_names_the_variable(changes: dict[str, Any], message: str)
     with pytest.raises(validate.Invalid) as failed:
         validate.check(given, derive(given))
     assert message in str(failed.value)
+
+
+def test_redis_by_its_sentinels_needs_no_url() -> None:
+    given = args(
+        redis_url='', redis_sentinels=['s1:26379', '[::1]:26379'], redis_sentinel_master='flowworker'
+    )
+    validate.check(given, derive(given))
 
 
 def test_a_pool_named_rpc_is_fine_under_systemd() -> None:

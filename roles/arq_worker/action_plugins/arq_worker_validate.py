@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ansible.plugins.action import ActionBase
+from ansible_collections.flowworker.fleet.plugins.filter.urls import redis_addresses_problem
 from ansible_collections.flowworker.fleet.plugins.plugin_utils.flowworker import urls
 
 _spec = importlib.util.spec_from_file_location(
@@ -278,6 +279,20 @@ def check_metrics_ports(args: dict[str, Any], derived: list[dict[str, Any]]) -> 
         raise Invalid(f'arq_worker_metrics_sd_dir must be an absolute path (got {args["metrics_sd_dir"]!r}).')
 
 
+def redis_problems(role: str, args: dict[str, Any]) -> dict[str, str | None]:
+    """Redis by its URL, or by its sentinels (then no URL, and the name of their master)."""
+    if not args.get('redis_sentinels'):
+        return {f'{role}_redis_url': urls.redis_url_problem(args['redis_url'])}
+    url = f'{role}_redis_url (with {role}_redis_sentinels)'
+    return {
+        f'{role}_redis_sentinels': redis_addresses_problem(args['redis_sentinels']) or None,
+        url: 'must be "": the sentinels name the Redis to connect to' if args['redis_url'] else None,
+        f'{role}_redis_sentinel_master': None
+        if args.get('redis_sentinel_master')
+        else 'must name the master',
+    }
+
+
 def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
     manager = args['process_manager']
     if manager != 'supervisor' and args['service_mgr'] != 'systemd':
@@ -287,7 +302,7 @@ def check(args: dict[str, Any], derived: list[dict[str, Any]]) -> None:
         )
     problems = {
         'arq_worker_database_url': urls.database_url_problem(args['database_url']),
-        'arq_worker_redis_url': urls.redis_url_problem(args['redis_url']),
+        **redis_problems('arq_worker', args),
         # the schema owner migrates the schema
         'arq_worker_db_owner_url (arq_worker_db_upgrade is true)': args['db_upgrade']
         and urls.database_url_problem(args['db_owner_url']),
