@@ -9,8 +9,9 @@ BIN := $(abspath $(VENV))/bin
 STAMPS := build/stamps
 # the peers `make bench` times flowworker against (worker/bench/peers.txt), apart from the venv
 BENCH_VENV := build/bench-venv
-# LAB_TLS=true: the lab with TLS for Redis and PostgreSQL (inventories/lab/group_vars/all/tls.yml)
-LAB := -i inventories/lab $(if $(LAB_TLS),-e lab_fleet_tls=$(LAB_TLS))
+# LAB_TLS=true: the lab with TLS for Redis and PostgreSQL (inventories/lab/group_vars/all/tls.yml);
+# LAB_HA=true: two more Redis hosts and three Redis Sentinels (inventories/lab-ha)
+LAB := -i inventories/lab $(if $(filter true,$(LAB_HA)),-i inventories/lab-ha) $(if $(LAB_TLS),-e lab_fleet_tls=$(LAB_TLS))
 # make bench-deploy: the worker host counts to time (each a throw-away lab of its own beside the
 # lab); KEEP=1 leaves them running
 BENCH_WORKERS ?= 1 8
@@ -91,7 +92,7 @@ demo: deploy ## lab + deploy + run demo flows and show which host ran them
 	ansible-playbook $(LAB) playbooks/demo.yml
 
 lab-down: bootstrap ## remove the lab fleet and everything it made
-	ansible-playbook $(LAB) playbooks/lab.yml -e lab_fleet_state=absent
+	ansible-playbook -i inventories/lab -i inventories/lab-ha playbooks/lab.yml -e lab_fleet_state=absent
 
 lint: bootstrap ## static checks: ruff, mypy --strict, tests/static (planner, role docs, inventories), yamllint, ansible-lint, syntax, the alert rules and the scrape configuration (promtool)
 	cd worker && ruff check . && ruff format --check . && mypy src tests bench

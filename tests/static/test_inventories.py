@@ -16,13 +16,14 @@ EXAMPLE_VAULT_PASSWORD = 'example-only'  # README, "Secrets"
 
 
 def host_vars(inventory: str, host: str, password_file: Path, *names: str) -> dict[str, str]:
-    """Variables as a play on ``host`` sees them (playbooks/group_vars included), without contacting it."""
+    """Variables as a play on ``host`` sees them (playbooks/group_vars included), without contacting it;
+    ``inventory`` may name several, ``lab+lab-ha``, given in that order."""
     expression = '{' + ','.join(f"'{name}':{name}" for name in names) + '}'  # one word for -a
+    sources = [arg for name in inventory.split('+') for arg in ('-i', f'inventories/{name}')]
     result = subprocess.run(
         [
             'ansible',
-            '-i',
-            f'inventories/{inventory}',
+            *sources,
             '--playbook-dir',
             'playbooks',
             host,
@@ -107,3 +108,48 @@ def test_the_vault_files_are_encrypted() -> None:
     assert len(vaults) == 4  # all/ and arq_monitors/ of production and staging
     for vault in vaults:
         assert vault.read_text().startswith('$ANSIBLE_VAULT;1.1;AES256')
+
+
+def test_the_lab_with_sentinels_replicates_redis_and_points_every_client_at_the_sentinels(
+    password_file: Path,
+) -> None:
+    sentinels = "['lab-db:26379', 'lab-redis-2:26379', 'lab-redis-3:26379']"
+    nodes = "['lab-db:6379', 'lab-redis-2:6379', 'lab-redis-3:6379']"
+    names = ('redis_sentinels', 'redis_url', 'redis_username', 'redis_password', 'redis_sentinel_password')
+    for host, prefix, user in (
+        ('lab-worker-1', 'arq_worker', 'worker'),
+        ('lab-db', 'arq_monitor', 'monitor'),
+    ):
+        seen = host_vars('lab+lab-ha', host, password_file, *(f'{prefix}_{name}' for name in names))
+        assert seen == {
+            f'{prefix}_redis_sentinels': sentinels,
+            f'{prefix}_redis_url': '',
+            f'{prefix}_redis_username': user,
+            f'{prefix}_redis_password': f'lab-redis-{user}-password',
+            f'{prefix}_redis_sentinel_password': 'lab-redis-sentinel-password',
+        }
+    seen = host_vars(
+        'lab+lab-ha',
+        'lab-redis-2',
+        password_file,
+        'redis_server_replication_nodes',
+        'redis_server_sentinels',
+        'redis_sentinel_hosts',
+        'redis_sentinel_auth_password',
+        'redis_server_min_replicas_to_write',
+    )
+    assert seen == {
+        'redis_server_replication_nodes': nodes,
+        'redis_server_sentinels': sentinels,
+        'redis_sentinel_hosts': sentinels,
+        'redis_sentinel_auth_password': 'lab-redis-sentinel-user-password',
+        'redis_server_min_replicas_to_write': '1',
+    }
+    # without the sentinels: one Redis, by its URL
+    seen = host_vars(
+        'lab', 'lab-worker-1', password_file, 'arq_worker_redis_url', 'arq_worker_redis_sentinels'
+    )
+    assert seen == {
+        'arq_worker_redis_url': 'redis://worker:lab-redis-worker-password@lab-db:6379/0',
+        'arq_worker_redis_sentinels': '[]',
+    }
