@@ -211,6 +211,7 @@ async def test_metrics_are_prometheus_text_with_the_guides_and_the_queue_latency
 ENDPOINTS = {
     f'{API}/workers': {'get'},
     f'{API}/queues': {'get'},
+    f'{API}/redis': {'get'},
     f'{API}/tasks': {'get'},
     f'{API}/tasks/{{job_id}}': {'get'},
     f'{API}/tasks/{{job_id}}/cancel': {'post'},

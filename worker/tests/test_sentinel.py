@@ -15,8 +15,10 @@ from flowworker.infrastructure import count_redis_reconnects, create_redis
 from flowworker.settings import Settings, load_settings
 
 from .conftest import Stack, open_stack
+from .monitoring import MonitorProcess
 from .servers import RedisServer, SentinelGroup, free_port
 from .test_metrics import scrape
+from .test_monitor import API
 
 # the data in database 1: the connections and the wake-up's keyspace channel must both take it
 DB = 1
@@ -66,41 +68,57 @@ async def test_a_worker_runs_the_jobs_of_the_master_the_sentinels_name(sentinel_
     assert worker.stop() == 0
 
 
-async def test_after_a_failover_the_same_worker_runs_the_new_masters_jobs(
-    sentinels: SentinelGroup, sentinel_stack: Stack
+async def test_after_a_failover_the_same_worker_and_monitor_use_the_new_master(
+    sentinels: SentinelGroup, sentinel_stack: Stack, tmp_path: Path
 ) -> None:
     port = free_port()
     worker = await sentinel_stack.start_worker('--metrics-port', str(port))
     await sentinel_stack.wait_final([await sentinel_stack.enqueue('demo.echo', {'n': 0})])
     old = sentinels.master()
+    # the monitor says which node is master, and follows the failover as the worker does
+    logins = {'REDIS_USERNAME': 'monitor', 'REDIS_PASSWORD': 'monitor-password'}
+    with MonitorProcess({**sentinel_stack.env, **logins}, tmp_path) as monitor:
 
-    with sentinels.client() as sentinel:
-        assert sentinel.sentinel_failover(SentinelGroup.NAME)
+        async def master_shown() -> object:
+            async with monitor.client() as client:
+                return (await client.get(f'{API}/redis')).json()
 
-    async def switched() -> bool:
-        return sentinels.master() is not old
+        assert await master_shown() == {'address': f'127.0.0.1:{old.port}', 'sentinels': True}
 
-    await sentinel_stack.wait_for(switched, 30, 'the sentinel to name the replica master')
-    # the producer and the tests' handles move to the new master, as any client of the sentinels does
-    sentinel_stack.admin_url = admin_url(sentinels.master())
-    await sentinel_stack.reconnect()
-    # the heartbeat replicated before the switch lives on for its TTL: deleted, only the worker
-    # writing to the new master brings it back
-    key = f'arq:worker:{worker.worker_id}'
-    await sentinel_stack.redis.delete(key)
-    job = await sentinel_stack.enqueue('demo.echo', {'n': 1})
+        with sentinels.client() as sentinel:
+            assert sentinel.sentinel_failover(SentinelGroup.NAME)
 
-    [task] = await sentinel_stack.wait_final([job], timeout=30)
+        async def switched() -> bool:
+            return sentinels.master() is not old
 
-    assert task['status'] == 'succeeded'
-    beat = await sentinel_stack.wait_for(
-        lambda: sentinel_stack.redis.get(key), 30, 'the heartbeat on the new master', alive=worker
-    )
-    assert json.loads(beat)['pid'] == worker.pid  # the same process: not restarted
-    # the connections the old master closed were made anew, and counted (count_redis_reconnects
-    # on the Sentinel pool's connection class)
-    assert (await scrape(port))[('flowworker_redis_reconnects_total', ())] >= 1
-    assert worker.stop() == 0
+        await sentinel_stack.wait_for(switched, 30, 'the sentinel to name the replica master')
+        # the producer and the tests' handles move to the new master, as any client of the sentinels does
+        sentinel_stack.admin_url = admin_url(sentinels.master())
+        await sentinel_stack.reconnect()
+        # the heartbeat replicated before the switch lives on for its TTL: deleted, only the worker
+        # writing to the new master brings it back
+        key = f'arq:worker:{worker.worker_id}'
+        await sentinel_stack.redis.delete(key)
+        job = await sentinel_stack.enqueue('demo.echo', {'n': 1})
+
+        [task] = await sentinel_stack.wait_final([job], timeout=30)
+
+        assert task['status'] == 'succeeded'
+        beat = await sentinel_stack.wait_for(
+            lambda: sentinel_stack.redis.get(key), 30, 'the heartbeat on the new master', alive=worker
+        )
+        assert json.loads(beat)['pid'] == worker.pid  # the same process: not restarted
+        # the connections the old master closed were made anew, and counted (count_redis_reconnects
+        # on the Sentinel pool's connection class)
+        assert (await scrape(port))[('flowworker_redis_reconnects_total', ())] >= 1
+        assert worker.stop() == 0
+        new = {'address': f'127.0.0.1:{sentinels.master().port}', 'sentinels': True}
+        assert await master_shown() == new
+        async with monitor.client() as client:
+            assert (
+                f'Redis 127.0.0.1:{sentinels.master().port}, the master the sentinels name'
+                in (await client.get('/workers')).text
+            )
 
 
 def sentinel_settings(sentinels: SentinelGroup, master: str = SentinelGroup.NAME) -> Settings:

@@ -26,6 +26,7 @@ from typing import Any
 from arq.constants import in_progress_key_prefix
 from pydantic import BaseModel, Field, ValidationError, computed_field
 from redis.asyncio import Redis
+from redis.asyncio.sentinel import SentinelConnectionPool
 from sqlalchemy import TextClause, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -96,8 +97,16 @@ class Rate(BaseModel):
     failure_rate: float | None = Field(description='failed / (succeeded + failed); null when neither')
 
 
+class RedisNode(BaseModel):
+    """The Redis the fleet's queues are on now."""
+
+    address: str = Field(description='host:port (or the socket path) of the Redis in use')
+    sentinels: bool = Field(description='named by the sentinels: the master now, after any failover')
+
+
 class Fleet(BaseModel):
     at: datetime
+    redis: RedisNode
     workers: list[Worker]
     queues: list[Queue]
     rates: list[Rate]
@@ -299,10 +308,27 @@ async def rates(engine: AsyncEngine) -> list[Rate]:
     return found
 
 
+async def redis_node(redis: Redis) -> RedisNode:
+    """Which Redis ``redis`` uses: with sentinels, the master they name now (asked anew)."""
+    pool = redis.connection_pool
+    if isinstance(pool, SentinelConnectionPool):
+        host, port = await pool.get_master_address()  # type: ignore[no-untyped-call]  # redis-py is partly typed
+        return RedisNode(address=f'{host}:{port}', sentinels=True)
+    given = pool.connection_kwargs
+    where = (
+        given['path'] if 'path' in given else f'{given.get("host", "localhost")}:{given.get("port", 6379)}'
+    )
+    return RedisNode(address=where, sentinels=False)
+
+
 async def fleet(redis: Redis, engine: AsyncEngine) -> Fleet:
     live = await workers(redis)
     return Fleet(
-        at=datetime.now(UTC), workers=live, queues=await queues(redis, live), rates=await rates(engine)
+        at=datetime.now(UTC),
+        redis=await redis_node(redis),
+        workers=live,
+        queues=await queues(redis, live),
+        rates=await rates(engine),
     )
 
 

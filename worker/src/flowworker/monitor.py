@@ -436,6 +436,11 @@ def create_app(infra: Infrastructure) -> FastAPI:
         """The live worker processes, from their heartbeat keys ``arq:worker:<worker-id>``."""
         return Workers(workers=await fleet.workers(infra.redis))
 
+    @app.get(f'{API}/redis', tags=['task queue'], dependencies=reads)
+    async def redis_in_use(infra: Infra) -> fleet.RedisNode:
+        """The Redis the fleet's queues are on now: with sentinels, the master they name."""
+        return await fleet.redis_node(infra.redis)
+
     @app.get(f'{API}/queues', tags=['task queue'], dependencies=reads)
     async def list_queues(infra: Infra) -> Queues:
         """Every queue with jobs or a live worker (``ZCARD arq:queue:<name>``), and the task rates."""

@@ -139,6 +139,11 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     )
 
 
+def redis_line(fleet: Fleet) -> str:
+    node = fleet.redis
+    return f'Redis {node.address}' + (', the master the sentinels name' if node.sentinels else '')
+
+
 def stranded_lines(fleet: Fleet) -> list[str]:
     return [
         f'queue {queue.name}: {queue.length} jobs and no live worker picking them' for queue in fleet.stranded
@@ -194,7 +199,7 @@ def attempts_section(found: list[Task], show_data: bool) -> Section:
 
 def status(fleet: Fleet) -> str:
     tables = [table(s.columns, s.rows) if s.rows else s.empty for s in sections(fleet)]
-    return '\n\n'.join([*tables, *stranded_lines(fleet)])
+    return '\n\n'.join([*tables, redis_line(fleet), *stranded_lines(fleet)])
 
 
 def tasks(found: list[Task]) -> str:
