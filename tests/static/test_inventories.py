@@ -137,6 +137,7 @@ def test_the_lab_with_sentinels_replicates_redis_and_points_every_client_at_the_
         'redis_sentinel_hosts',
         'redis_sentinel_auth_password',
         'redis_server_min_replicas_to_write',
+        'redis_server_restart_sec',
     )
     assert seen == {
         'redis_server_replication_nodes': nodes,
@@ -144,6 +145,8 @@ def test_the_lab_with_sentinels_replicates_redis_and_points_every_client_at_the_
         'redis_sentinel_hosts': sentinels,
         'redis_sentinel_auth_password': 'lab-redis-sentinel-user-password',
         'redis_server_min_replicas_to_write': '1',
+        # a crashed node comes back after the failover: twice the sentinels' 5 s down-after time
+        'redis_server_restart_sec': '10.0',
     }
     # without the sentinels: one Redis, by its URL
     seen = host_vars(
