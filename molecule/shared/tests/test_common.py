@@ -57,7 +57,7 @@ def test_sysctl_file_is_rendered(host):
 
 
 def test_worker_processes_run_as_the_worker_user(host):
-    # the monitor scenario's host also runs `flowworker monitor`, as its own user
+    # the default scenario's host also runs `flowworker monitor`, as its own user
     procs = [p for p in host.process.filter(comm='flowworker') if ' monitor ' not in p.args]
     assert procs
     assert {p.user for p in procs} == {'arq-worker'}

@@ -9,7 +9,7 @@ import shlex
 import pytest
 from conftest import SCENARIO, exposure, heartbeats, wait_for
 
-pytestmark = pytest.mark.skipif(SCENARIO != 'monitor', reason='monitor scenario only')
+pytestmark = pytest.mark.skipif(SCENARIO != 'default', reason='the default scenario runs the monitor')
 
 URL = 'http://127.0.0.1:8080'
 ENV_FILE = '/etc/arq-monitor/monitor.env'
