@@ -47,6 +47,12 @@ FIRST_RUN: dict[str, float] = {
     'roles:bad_inputs': 152,
     'lint': 58,
 }
+# The fixed loopback ports of the lab (inventories/lab*) and the scenarios (molecule/*/molecule.yml)
+# lie in Linux's ephemeral range (32768-60999): a client's or a test server's port taken at random
+# there made a scenario's container fail to publish its port. Reserved, the kernel hands none of
+# them out.
+RESERVED_PORTS = '42200-42700'
+RESERVED = Path('/proc/sys/net/ipv4/ip_local_reserved_ports')
 BUDGET = 25 * 60
 WARN_AFTER = 30 * 60
 SCENARIOS = sorted(p.parent.name for p in (ROOT / 'molecule').glob('*/molecule.yml'))
@@ -88,6 +94,18 @@ def parts(layers: list[str], scenarios: list[str], keyword: str | None) -> list[
         pytest = ['pytest', '-q', '--durations=15', 'tests', '--ignore=tests/static']
         found.append(Part('e2e', 'e2e', [*pytest, *selection]))
     return found
+
+
+def reserve_ports() -> str:
+    """Keep the kernel from giving RESERVED_PORTS to anyone as an ephemeral port (needs root)."""
+    current = RESERVED.read_text().strip() if RESERVED.exists() else ''
+    if RESERVED_PORTS in current.split(','):
+        return f'ports {RESERVED_PORTS} reserved'
+    try:
+        RESERVED.write_text(','.join(filter(None, [current, RESERVED_PORTS])))
+    except OSError as e:
+        return f'warning: ports {RESERVED_PORTS} not reserved ({e}): a random port may take a fixed one'
+    return f'ports {RESERVED_PORTS} reserved (net.ipv4.ip_local_reserved_ports), not handed out at random'
 
 
 def clock(seconds: float) -> str:
@@ -158,6 +176,7 @@ def main() -> int:
 
     started = time.monotonic()
     runner = Runner(started)
+    runner.say(reserve_ports())
     runner.say(f'{len(todo)} parts, {args.jobs} at once: {", ".join(p.label for p in todo)}')
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         done = list(pool.map(runner.run, todo))
