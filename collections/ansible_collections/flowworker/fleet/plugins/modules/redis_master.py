@@ -21,7 +21,12 @@ description:
     holds C(sentinel monitor), written when the file does not monitor I(master_name) yet (Debian's
     package ships one that monitors C(mymaster)); afterwards Sentinel owns it, and a changed
     I(quorum) is set on the running sentinel with C(SENTINEL SET).
-  - Check mode reports what would change; C(--diff) shows the state file (it holds no secret).
+  - Check mode reports what would change; C(--diff) shows the state file's comments and its
+    replication or monitor lines alone (CONFIG REWRITE copies C(masterauth) into it).
+  - A data node that ran (its state file exists) and that neither the sentinels nor the node
+    itself answer for keeps its state file as it is, even with I(rewrite): the first of
+    I(nodes) is the master of a data set that never started, not of one whose sentinels are
+    unreachable.
 options:
   kind:
     description: C(server) for a Redis data node, C(sentinel) for a Redis Sentinel.
@@ -195,6 +200,12 @@ def monitors(content: str, master_name: str) -> bool:
     return any(line.split()[:3] == ['sentinel', 'monitor', master_name] for line in content.splitlines())
 
 
+def _public(content: str) -> str:
+    """A state file's comments and its replication and monitor lines, never a password."""
+    kept = ('#', 'replicaof ', 'slaveof ', 'sentinel monitor ')
+    return ''.join(line for line in content.splitlines(keepends=True) if line.startswith(kept))
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path, encoding='utf-8') as handle:
@@ -262,14 +273,18 @@ def run(module: AnsibleModule) -> dict[str, Any]:
     before = _read(p['state_file'])
     wanted = state_content(p['kind'], master, p['address'], p['master_name'], p['quorum'])
     if p['kind'] == 'server':
-        write = before is None or (p['rewrite'] and before != wanted)
+        # with no answer from the sentinels nor from the node, a node that ran keeps what Redis
+        # last wrote: the inventory's first node is only the master of a data set never started
+        known = source != 'inventory' or before is None
+        write = before is None or (p['rewrite'] and known and before != wanted)
     else:
         write = before is None or not monitors(before, p['master_name'])
     if write:
         result['changed'] = True
         path = p['state_file']
         result['diff'] = {
-            'before': before or '',
+            # CONFIG REWRITE copies masterauth there: the diff shows the replication lines alone
+            'before': _public(before or ''),
             'after': wanted,
             'before_header': path,
             'after_header': path,
