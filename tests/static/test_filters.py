@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import sys
+
+from dotenv import dotenv_values
 
 from ..conftest import ROOT
 
@@ -51,6 +54,12 @@ def test_the_addresses_of_inventory_hosts_are_their_stack_address_else_their_nam
     found = FILTERS['addresses'](['redis-1', 'redis-2', 'redis-3'], hostvars, 26379)
     assert found == ['10.0.0.5:26379', 'redis-2:26379', '[fd00::3]:26379']
     assert FILTERS['redis_addresses_problem'](found) == ''
+
+
+def test_env_values_are_read_back_as_they_were() -> None:
+    for value in ['plain', 'a #b c', 'q\'uo"te\\back', ' spaces ']:
+        line = f'P={FILTERS["env_quote"](value)}\n'
+        assert dotenv_values(stream=io.StringIO(line))['P'] == value, line
 
 
 def test_the_sandbox_writes_only_the_paths_given_and_keeps_a_low_port_s_one_capability() -> None:

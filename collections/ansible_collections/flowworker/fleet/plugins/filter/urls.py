@@ -58,6 +58,13 @@ def addresses(hosts: Any, hostvars: Any, port: Any) -> list[str]:
     return found
 
 
+def env_quote(value: Any) -> str:
+    """A value for an env file as python-dotenv reads it (flowworker's --env-file): single-quoted,
+    so no ``#``, ``${...}``, space or quote in a password changes it."""
+    escaped = str(value).replace('\\', '\\\\').replace("'", "\\'")
+    return f"'{escaped}'"
+
+
 def url_quote(value: Any) -> str:
     return quote(str(value), safe='')
 
@@ -83,5 +90,6 @@ class FilterModule:
             'redis_addresses_problem': redis_addresses_problem,
             'addresses': addresses,
             'url_quote': url_quote,
+            'env_quote': env_quote,
             'redis_login': redis_login,
         }
