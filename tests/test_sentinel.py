@@ -35,12 +35,12 @@ SENTINEL_PASSWORD = 'lab-redis-sentinel-password'  # inventories/lab-ha/hosts.ym
 SAFE_BEFORE_KILL = 1.0
 FIGURES = ROOT / 'build' / 'test-logs' / 'sentinel-failover.json'
 PRODUCER = """
-import asyncio, json, sys, time
+import asyncio, json, os, sys, time
 from arq.connections import ArqRedis
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import RedisError
 
-async def main(seconds, rate, password, user_password):
+async def main(seconds, rate, password, user_password, stop):
     hosts = [(name, 26379) for name in ('lab-db', 'lab-redis-2', 'lab-redis-3')]
     sentinel = Sentinel(hosts, sentinel_kwargs={'password': password, 'socket_timeout': 0.5})
     master = sentinel.master_for(
@@ -48,7 +48,7 @@ async def main(seconds, rate, password, user_password):
         socket_timeout=1, socket_connect_timeout=1,
     )
     end = time.monotonic() + seconds
-    while time.monotonic() < end:
+    while time.monotonic() < end and not os.path.exists(stop):
         try:
             job = await master.enqueue_job(
                 'run_flow', 'demo.sleep', {'seconds': 0.2}, _queue_name='arq:queue:default'
@@ -64,7 +64,7 @@ async def main(seconds, rate, password, user_password):
             print(json.dumps({'job': job.job_id, 'at': time.time()}), flush=True)
         await asyncio.sleep(1 / rate)
 
-asyncio.run(main(float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]))
+asyncio.run(main(float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]))
 """
 
 
@@ -138,14 +138,18 @@ class Produced:
 
 
 class Producer:
-    """The producer in lab-worker-1 for ``seconds``."""
+    """The producer in lab-worker-1, until :meth:`result` (``seconds`` at most)."""
 
-    def __init__(self, lab: Lab, seconds: float, rate: float = 20) -> None:
+    STOP = '/run/producer-stop'
+
+    def __init__(self, lab: Lab, seconds: float = 180, rate: float = 20) -> None:
+        podman_exec('lab-worker-1', 'rm', '-f', self.STOP)
         argv = ['podman', 'exec', 'lab-worker-1', '/opt/arq-worker/current/bin/python', '-c', PRODUCER]
-        argv += [str(seconds), str(rate), SENTINEL_PASSWORD, lab.redis_password('producer')]
+        argv += [str(seconds), str(rate), SENTINEL_PASSWORD, lab.redis_password('producer'), self.STOP]
         self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def result(self) -> Produced:
+        podman_exec('lab-worker-1', 'touch', self.STOP)
         out, err = self.process.communicate(timeout=120)
         assert self.process.returncode == 0, err
         produced = Produced()
@@ -209,14 +213,16 @@ def fail_over(lab: Lab, how: str, kill: Any, revive: Any) -> None:
     old = master()
     pids = worker_pids(old, lab)
     assert len(pids) == sum(WORKERS.values()), (pids, journals())
-    producer = Producer(lab, seconds=25)
+    producer = Producer(lab)
     time.sleep(6)  # the fleet is busy before the kill
     killed = time.time()
     kill(old)
     try:
         others = tuple(node for node in NODES if node != old)
-        promoted = wait_for('a promotion', lambda: sentinel_says(others[0]) not in (None, old))
+        # (a split vote of the two sentinels left delays the promotion by failover-timeout x 2)
+        promoted = wait_for('a promotion', lambda: sentinel_says(others[0]) not in (None, old), timeout=120)
         new = master(others)
+        time.sleep(12)  # the load goes on against the new master
         produced = producer.result()
     finally:
         revive(old)
