@@ -15,9 +15,9 @@ from ..conftest import ROOT
 EXAMPLE_VAULT_PASSWORD = 'example-only'  # README, "Secrets"
 
 
-def host_vars(inventory: str, host: str, password_file: Path, *names: str) -> dict[str, str]:
+def host_vars(inventory: str, host: str, password_file: Path, *names: str, extra: str = '') -> dict[str, str]:
     """Variables as a play on ``host`` sees them (playbooks/group_vars included), without contacting it;
-    ``inventory`` may name several, ``lab+lab-ha``, given in that order."""
+    ``inventory`` may name several, ``lab+lab-ha``, given in that order; ``extra``: ``-e`` of them."""
     expression = '{' + ','.join(f"'{name}':{name}" for name in names) + '}'  # one word for -a
     sources = [arg for name in inventory.split('+') for arg in ('-i', f'inventories/{name}')]
     result = subprocess.run(
@@ -33,6 +33,7 @@ def host_vars(inventory: str, host: str, password_file: Path, *names: str) -> di
             f'var={expression}',
             '--vault-password-file',
             str(password_file),
+            *(['-e', extra] if extra else []),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -148,6 +149,39 @@ def test_the_lab_with_sentinels_replicates_redis_and_points_every_client_at_the_
         # a crashed node comes back after the failover: twice the sentinels' 5 s down-after time
         'redis_server_restart_sec': '10.0',
     }
+    # with TLS (LAB_TLS=true): TLS only on the nodes, the sentinels and every client's links to them
+    seen = host_vars(
+        'lab+lab-ha',
+        'lab-redis-2',
+        password_file,
+        'redis_server_replication_nodes',
+        'redis_sentinel_tls',
+        'redis_sentinel_tls_cert_file',
+        'redis_sentinel_tls_ca_cert_file',
+        'arq_monitor_redis_sentinel_tls',
+        extra='lab_fleet_tls=true',
+    )
+    assert seen == {
+        'redis_server_replication_nodes': "['lab-db:6380', 'lab-redis-2:6380', 'lab-redis-3:6380']",
+        'redis_sentinel_tls': 'True',
+        'redis_sentinel_tls_cert_file': '/etc/ssl/flowworker/server.crt',
+        'redis_sentinel_tls_ca_cert_file': '/etc/ssl/flowworker/ca.crt',
+        # not a monitor host: what the group_vars would give one
+        'arq_monitor_redis_sentinel_tls': 'True',
+    }
+    tls = ('redis_sentinel_tls', 'redis_ca_file', 'redis_sentinels')
+    seen = host_vars(
+        'lab+lab-ha',
+        'lab-worker-1',
+        password_file,
+        *(f'arq_worker_{n}' for n in tls),
+        extra='lab_fleet_tls=true',
+    )
+    assert seen == {
+        'arq_worker_redis_sentinel_tls': 'True',
+        'arq_worker_redis_ca_file': '/etc/ssl/flowworker/ca.crt',
+        'arq_worker_redis_sentinels': sentinels,
+    }
     # without the sentinels: one Redis, by its URL
     seen = host_vars(
         'lab', 'lab-worker-1', password_file, 'arq_worker_redis_url', 'arq_worker_redis_sentinels'
@@ -156,3 +190,7 @@ def test_the_lab_with_sentinels_replicates_redis_and_points_every_client_at_the_
         'arq_worker_redis_url': 'redis://worker:lab-redis-worker-password@lab-db:6379/0',
         'arq_worker_redis_sentinels': '[]',
     }
+    seen = host_vars(
+        'lab', 'lab-worker-1', password_file, 'arq_worker_redis_sentinel_tls', extra='lab_fleet_tls=true'
+    )
+    assert seen == {'arq_worker_redis_sentinel_tls': 'False'}

@@ -159,6 +159,10 @@ def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:
             'arq_worker_redis_sentinel_master must name the master.',
         ),
         (
+            {'redis_sentinel_tls': True},
+            'arq_worker_redis_sentinel_tls needs sentinels (a Redis URL asks for TLS with rediss://).',
+        ),
+        (
             {'extra_env': {'REDIS_TLS_CA_CERTS': '/etc/ssl/ca.crt'}},
             'arq_worker_extra_env sets REDIS_TLS_CA_CERTS, which the role writes from arq_worker_redis_ca_',
         ),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -38,24 +39,62 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(('127.0.0.1', port)) == 0
 
 
+@dataclass(frozen=True)
+class TLSFiles:
+    """A test CA and a server certificate it signs, for 127.0.0.1 and localhost (openssl)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, directory: Path) -> TLSFiles:
+        files = cls(directory / 'ca.crt', directory / 'server.crt', directory / 'server.key')
+        (directory / 'server.ext').write_text('subjectAltName=DNS:localhost,IP:127.0.0.1\n')
+        for argv in [
+            'req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=test-ca'
+            ' -keyout ca.key -out ca.crt',
+            'req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=localhost -keyout server.key'
+            ' -out server.csr',
+            'x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile server.ext'
+            ' -out server.crt',
+        ]:
+            subprocess.run(['openssl', *argv.split()], cwd=directory, check=True, capture_output=True)
+        return files
+
+    def server_options(self) -> list[str]:
+        """TLS only (port 0), replication and a sentinel's links to its nodes too."""
+        return [
+            '--tls-cert-file', str(self.cert), '--tls-key-file', str(self.key),
+            '--tls-ca-cert-file', str(self.ca), '--tls-auth-clients', 'no', '--tls-replication', 'yes',
+        ]  # fmt: skip
+
+
 class RedisServer:
     """A redis-server whose clients log in as flowworker's ACL users (``flowworker.acl``).
 
     ``default`` is off: the tests' own handles log in as ``admin`` (``url``), the workers as
     ``worker`` and the monitors as ``monitor``, so a command their rules leave out fails a test.
+    With ``tls`` it serves TLS only (``rediss://`` URLs; clients verify with ``tls.ca``).
     """
 
-    def __init__(self, directory: Path, extra: Sequence[str] = ()) -> None:
+    def __init__(self, directory: Path, extra: Sequence[str] = (), tls: TLSFiles | None = None) -> None:
         self.directory = directory
         self.extra = extra  # more configuration, as redis-server's command-line options
+        self.tls = tls
         self.port = free_port()
         self.url = self.url_of('admin')
         self.worker_url = self.url_of('worker')
         self.monitor_url = self.url_of('monitor')
         self.process: subprocess.Popen[bytes] | None = None
 
+    def listen(self) -> list[str]:
+        if self.tls is None:
+            return ['--port', str(self.port)]
+        return ['--port', '0', '--tls-port', str(self.port), *self.tls.server_options()]
+
     def url_of(self, user: str) -> str:
-        return f'redis://{user}:{user}-password@127.0.0.1:{self.port}/0'
+        return f'{"rediss" if self.tls else "redis"}://{user}:{user}-password@127.0.0.1:{self.port}/0'
 
     def start(self) -> None:
         users = [['--user', 'default', 'reset', 'off']] + [
@@ -64,8 +103,7 @@ class RedisServer:
         self.process = subprocess.Popen(
             [
                 'redis-server',
-                '--port',
-                str(self.port),
+                *self.listen(),
                 '--bind',
                 '127.0.0.1',
                 '--dir',
@@ -87,8 +125,10 @@ class RedisServer:
 
     def stop(self, save: bool = True) -> None:
         """Shut down (saving the dataset to disk, so a restart keeps the queue, as a packaged Redis does)."""
+        tls = ['--tls', '--cacert', str(self.tls.ca)] if self.tls else []
+        mode = 'save' if save else 'nosave'
         subprocess.run(
-            ['redis-cli', '-u', self.url, '--no-auth-warning', 'shutdown', 'save' if save else 'nosave'],
+            ['redis-cli', '-u', self.url, *tls, '--no-auth-warning', 'shutdown', mode],
             check=False,
             capture_output=True,
         )
@@ -101,21 +141,23 @@ class SentinelGroup:
 
     Both data nodes are :class:`RedisServer` (flowworker's ACL users, ``default`` off); the
     replica logs in to its master as ``replica``, the sentinel to both as ``sentinel``, with
-    nothing more than those users' rules allow. The sentinel has a password of its own.
+    nothing more than those users' rules allow. The sentinel has a password of its own. With
+    ``tls`` all of it is TLS only: the nodes, the sentinel, replication and the sentinel's links.
     """
 
     NAME = 'flowmaster'
     PASSWORD = 'sentinel-password'
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, tls: TLSFiles | None = None) -> None:
         self.directory = directory
+        self.tls = tls
         # either may be the replica after a failover: both log in to their master as replica
         auth = ('--masteruser', 'replica', '--masterauth', 'replica-password')
         (directory / 'a').mkdir()
         (directory / 'b').mkdir()
-        self.nodes = [RedisServer(directory / 'a', auth)]
+        self.nodes = [RedisServer(directory / 'a', auth, tls)]
         self.nodes.append(
-            RedisServer(directory / 'b', (*auth, '--replicaof', '127.0.0.1', str(self.nodes[0].port)))
+            RedisServer(directory / 'b', (*auth, '--replicaof', '127.0.0.1', str(self.nodes[0].port)), tls)
         )
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
@@ -126,7 +168,10 @@ class SentinelGroup:
         return f'127.0.0.1:{self.port}'
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.PASSWORD, decode_responses=True)
+        ca = str(self.tls.ca) if self.tls else None
+        return redis.Redis(
+            port=self.port, password=self.PASSWORD, decode_responses=True, ssl=bool(self.tls), ssl_ca_certs=ca
+        )
 
     def master(self) -> RedisServer:
         """The node the sentinel names master now."""
@@ -138,8 +183,13 @@ class SentinelGroup:
         for node in self.nodes:
             node.start()
         config = self.directory / 'sentinel.conf'  # the sentinel rewrites it as it learns
+        options = self.tls.server_options() if self.tls else []
+        # the same settings as config lines: the sentinel rewrites this file
+        pairs = zip(options[::2], options[1::2], strict=True)
+        tls = ''.join(f'{name[2:]} {value}\n' for name, value in pairs)
+        port = f'port 0\ntls-port {self.port}\n{tls}' if self.tls else f'port {self.port}\n'
         config.write_text(
-            f'port {self.port}\nbind 127.0.0.1\ndir {self.directory}\nlogfile {self.directory}/sentinel.log\n'
+            f'{port}bind 127.0.0.1\ndir {self.directory}\nlogfile {self.directory}/sentinel.log\n'
             f'requirepass {self.PASSWORD}\n'
             f'sentinel monitor {self.NAME} 127.0.0.1 {self.nodes[0].port} 1\n'
             f'sentinel down-after-milliseconds {self.NAME} 1000\n'

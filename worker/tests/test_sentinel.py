@@ -1,5 +1,6 @@
 """Redis Sentinel (REDIS_SENTINELS): a worker finds its master through the sentinels and follows
-it through a failover, without a restart."""
+it through a failover, without a restart; every test on plain TCP and on TLS only (the sentinel,
+the nodes, replication and the sentinel's links: REDIS_SENTINEL_TLS and REDIS_TLS)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from flowworker.settings import Settings, load_settings
 
 from .conftest import Stack, open_stack
 from .monitoring import MonitorProcess
-from .servers import RedisServer, SentinelGroup, free_port
+from .servers import RedisServer, SentinelGroup, TLSFiles, free_port
 from .test_metrics import scrape
 from .test_monitor import API
 
@@ -24,12 +25,24 @@ from .test_monitor import API
 DB = 1
 
 
-@pytest.fixture(scope='module')
-def sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelGroup]:
-    group = SentinelGroup(tmp_path_factory.mktemp('sentinel'))
+@pytest.fixture(scope='module', params=['plain', 'tls'])
+def sentinels(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SentinelGroup]:
+    tls = TLSFiles.make(tmp_path_factory.mktemp('tls')) if request.param == 'tls' else None
+    group = SentinelGroup(tmp_path_factory.mktemp('sentinel'), tls)
     group.start()
     yield group
     group.stop()
+
+
+def tls_env(sentinels: SentinelGroup, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The settings of TLS to the sentinel and its master; the tests' own handles (arq's and
+    redis-py's, from ``rediss://`` URLs) verify the test CA as the system's."""
+    if sentinels.tls is None:
+        return {}
+    monkeypatch.setenv('SSL_CERT_FILE', str(sentinels.tls.ca))
+    return {'REDIS_SENTINEL_TLS': 'true', 'REDIS_TLS': 'true', 'REDIS_TLS_CA_CERTS': str(sentinels.tls.ca)}
 
 
 def admin_url(node: RedisServer) -> str:
@@ -51,6 +64,7 @@ async def sentinel_stack(
         'REDIS_USERNAME': 'worker',
         'REDIS_PASSWORD': 'worker-password',
         'REDIS_DB': str(DB),
+        **tls_env(sentinels, monkeypatch),
     }
     async with open_stack(env, admin_url(sentinels.master()), database, tmp_path) as stack:
         yield stack
@@ -122,8 +136,12 @@ async def test_after_a_failover_the_same_worker_and_monitor_use_the_new_master(
 
 
 def sentinel_settings(sentinels: SentinelGroup, master: str = SentinelGroup.NAME) -> Settings:
+    tls = sentinels.tls
     return load_settings(
         None,
+        redis_sentinel_tls=str(bool(tls)),
+        redis_tls=str(bool(tls)),
+        redis_tls_ca_certs=str(tls.ca) if tls else None,
         database_url='postgresql://u:p@127.0.0.1:1/app',
         redis_sentinels=sentinels.address,
         redis_sentinel_master=master,

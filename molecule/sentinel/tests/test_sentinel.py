@@ -6,6 +6,7 @@ import shlex
 
 NODES = ['sentinel-a', 'sentinel-b', 'sentinel-c']
 ADMIN = ('admin', 'sentinel-test-admin')  # molecule.yml's users
+TLS = ('--tls', '--cacert', '/etc/ssl/flowworker/ca.crt')  # the nodes and the sentinels serve TLS only
 
 
 def cli(host, *args: str, login: tuple[str, str] = ADMIN, port: int = 6379):
@@ -16,6 +17,7 @@ def cli(host, *args: str, login: tuple[str, str] = ADMIN, port: int = 6379):
         '--raw',
         '-p',
         str(port),
+        *TLS,
         *(['--user', user] if user else []),
         *args,
     ]
@@ -71,5 +73,14 @@ def test_a_replica_refuses_writes_and_the_servers_users_reach_no_key(host):
 
 
 def test_the_sentinel_wants_its_password(host):
-    out = host.run('redis-cli --raw -p 26379 SENTINEL MASTERS')
+    out = host.run(f'redis-cli --raw -p 26379 {shlex.join(TLS)} SENTINEL MASTERS')
     assert 'NOAUTH' in out.stdout + out.stderr
+
+
+def test_nothing_answers_plain_tcp(host):
+    # the nodes, the sentinels and the links between them (replication, the sentinels' own) are TLS
+    for port, password in [(6379, ADMIN[1]), (26379, 'sentinel-test-own-password')]:
+        out = host.run(f'REDISCLI_AUTH={password} redis-cli --no-auth-warning --raw -p {port} PING')
+        assert out.stdout.strip() != 'PONG', port
+    for config in ['/etc/redis/redis.conf', '/etc/redis/sentinel-flowworker.conf']:
+        assert 'tls-replication yes' in host.file(config).content_string, config

@@ -282,7 +282,12 @@ def check_metrics_ports(args: dict[str, Any], derived: list[dict[str, Any]]) -> 
 def redis_problems(role: str, args: dict[str, Any]) -> dict[str, str | None]:
     """Redis by its URL, or by its sentinels (then no URL, and the name of their master)."""
     if not args.get('redis_sentinels'):
-        return {f'{role}_redis_url': urls.redis_url_problem(args['redis_url'])}
+        return {
+            f'{role}_redis_url': urls.redis_url_problem(args['redis_url']),
+            f'{role}_redis_sentinel_tls': 'needs sentinels (a Redis URL asks for TLS with rediss://)'
+            if args.get('redis_sentinel_tls')
+            else None,
+        }
     url = f'{role}_redis_url (with {role}_redis_sentinels)'
     return {
         f'{role}_redis_sentinels': redis_addresses_problem(args['redis_sentinels']) or None,
