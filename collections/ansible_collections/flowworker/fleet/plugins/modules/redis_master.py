@@ -78,6 +78,11 @@ options:
     type: list
     elements: str
     default: []
+  sentinel_cli:
+    description: C(redis-cli)'s options to reach the sentinels, C(-h) and C(-p) left out (TLS options).
+    type: list
+    elements: str
+    default: []
   quorum:
     description: The sentinels that must agree that the master is down (I(kind=sentinel)).
     type: int
@@ -123,6 +128,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
@@ -240,6 +246,7 @@ ARGUMENTS: dict[str, Any] = {
     'node_user': {'type': 'str', 'default': ''},
     'node_password': {'type': 'str', 'default': '', 'no_log': True},
     'node_cli': {'type': 'list', 'elements': 'str', 'default': []},
+    'sentinel_cli': {'type': 'list', 'elements': 'str', 'default': []},
     'quorum': {'type': 'int', 'default': 2},
     'rewrite': {'type': 'bool', 'default': False},
 }
@@ -262,7 +269,13 @@ def _ask_nodes(p: dict[str, Any]) -> str | None:
 def run(module: AnsibleModule) -> dict[str, Any]:
     p = module.params
     command = ('SENTINEL', 'GET-MASTER-ADDR-BY-NAME', p['master_name'])
-    answers = [sentinel_answer(ask([], s, p['sentinel_password'], *command)) for s in p['sentinels']]
+
+    def answer(sentinel: str) -> str | None:
+        return sentinel_answer(ask(p['sentinel_cli'], sentinel, p['sentinel_password'], *command))
+
+    # all at once: a sentinel that does not answer (or a plain one asked over TLS) costs TIMEOUT once
+    with ThreadPoolExecutor(max_workers=max(len(p['sentinels']), 1)) as pool:
+        answers = list(pool.map(answer, p['sentinels']))
     master, source = master_of(answers), 'sentinels'
     if master is None:
         master, source = _ask_nodes(p), 'nodes'
@@ -300,14 +313,15 @@ def _set_quorum(module: AnsibleModule) -> bool:
     """SENTINEL SET the quorum on this host's running sentinel when it differs."""
     p = module.params
     sentinel, name, quorum = p['address'], p['master_name'], str(p['quorum'])
-    lines = ask([], sentinel, p['sentinel_password'], 'SENTINEL', 'MASTER', name)
+    cli = p['sentinel_cli']
+    lines = ask(cli, sentinel, p['sentinel_password'], 'SENTINEL', 'MASTER', name)
     fields = dict(zip(lines[::2], lines[1::2], strict=False)) if lines else {}
     # not running (it starts with the state file's quorum) or the same quorum
     if fields.get('quorum', quorum) == quorum:
         return False
     if module.check_mode:
         return True
-    if ask([], sentinel, p['sentinel_password'], 'SENTINEL', 'SET', name, 'quorum', quorum) != ['OK']:
+    if ask(cli, sentinel, p['sentinel_password'], 'SENTINEL', 'SET', name, 'quorum', quorum) != ['OK']:
         module.fail_json(msg=f'the sentinel at {sentinel} refused SENTINEL SET {name} quorum {quorum}')
     return True
 
