@@ -18,7 +18,7 @@ from typing import Any
 
 from arq.jobs import Job, JobStatus
 
-from . import heartbeat_cli, logs, operations
+from . import heartbeat, heartbeat_cli, logs, operations
 from .arguments import Parser, add_env_file, positive, seconds
 from .fleet import parse_duration
 from .infrastructure import create_engine, create_redis, initialize
@@ -40,6 +40,7 @@ WORKER_OPTIONS = (
     'worker_id',
     'drain_timeout',
     'heartbeat_interval',
+    'health_file',
     'poll_delay',
     'max_tries',
     'metrics_port',
@@ -217,6 +218,21 @@ def _add_operations(commands: Any) -> None:
 
     _add_heartbeat(commands)
 
+    health = commands.add_parser(
+        'health',
+        help="this host's worker's health, for a container HEALTHCHECK (exit 0 healthy, 1 not)",
+        description='Read FLOWWORKER_HEALTH_FILE, which the worker rewrites after each heartbeat, and say '
+        'whether the process runs and its last beat, recent enough, reached Redis. Exit 0 when it did, '
+        '1 when not (the reason on one line), 2 when FLOWWORKER_HEALTH_FILE is not set.',
+    )
+    health.add_argument(
+        '--max-age',
+        type=seconds,
+        metavar='SECONDS',
+        help='the last beat may be this old (default: three heartbeat intervals, the key TTL)',
+    )
+    add_env_file(health)
+
 
 def _add_heartbeat(commands: Any) -> None:
     beats = commands.add_parser(
@@ -346,6 +362,12 @@ def run_monitor(args: argparse.Namespace) -> int:
     return monitor.serve(settings)
 
 
+def run_health(args: argparse.Namespace) -> int:
+    healthy, message = heartbeat.health(_settings(args, ()), args.max_age)
+    print(message)
+    return 0 if healthy else 1
+
+
 def run_status(args: argparse.Namespace) -> int:
     return operations.status(_settings(args, ()), args.json)
 
@@ -401,5 +423,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         'cancel': run_cancel,
         'purge': run_purge,
         'heartbeat': heartbeat_cli.run,
+        'health': run_health,
     }[args.command]
     return _run(command, args, 'flowworker')

@@ -4,7 +4,9 @@ The value is JSON (host, pid, queue, max_jobs, state, job counts, start and beat
 expires after three intervals, so a killed process drops out on its own, and a process that
 stops cleanly deletes it. ``SCAN arq:worker:*`` (never ``KEYS``) lists the live fleet.
 
-:class:`Heartbeat` writes a process's own key. The readers below are the one place anything else
+:class:`Heartbeat` writes a process's own key and, with ``FLOWWORKER_HEALTH_FILE``, how its last
+beat went to that file, which ``flowworker health`` reads (:func:`health`): a container's
+HEALTHCHECK asks the process itself, through no port. The readers below are the one place anything else
 reads the keys: ``fleet.py`` (``flowworker status``, the monitoring service) and ``flowworker
 heartbeat`` (``list``, ``wait-idle``, ``wait-pid``, ``delete``), which the Ansible role runs to
 drain, restart and scale instances.
@@ -19,6 +21,7 @@ import logging
 import math
 import os
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -27,7 +30,7 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 
 from .infrastructure import REDIS_ERRORS, REDIS_REFUSALS, describe_error
-from .settings import Settings
+from .settings import Settings, SettingsError
 from .version import VERSION
 
 logger = logging.getLogger('flowworker.heartbeat')
@@ -95,21 +98,82 @@ class Heartbeat:
     async def run(self) -> None:
         """Beat every interval (and at once on a state change) until cancelled."""
         while True:
+            redis = 'ok'
             try:
                 await self.beat()
             except (*REDIS_ERRORS, *REDIS_REFUSALS) as e:
-                logger.warning('cannot write heartbeat %s: %s', self._key, describe_error(e))
+                redis = describe_error(e)
+                logger.warning('cannot write heartbeat %s: %s', self._key, redis)
+            self.record(redis)
             self._now.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._now.wait(), self._settings.heartbeat_interval)
 
+    def record(self, redis: str) -> None:
+        """How the last beat went, in FLOWWORKER_HEALTH_FILE (a new file moved over the old one)."""
+        path = self._settings.health_file
+        if path is None:
+            return
+        state = {
+            'worker_id': self._settings.worker_id,
+            'pid': os.getpid(),
+            'state': self.state,
+            'redis': redis,
+            'beat_at': time.time(),
+            'interval': self._settings.heartbeat_interval,
+        }
+        written = path.with_name(f'.{path.name}.{os.getpid()}')
+        try:
+            written.write_text(json.dumps(state))
+            os.replace(written, path)
+        except OSError as e:
+            logger.warning('cannot write the health file %s: %s', path, e)
+
     async def clear(self) -> None:
+        if self._settings.health_file is not None:
+            self._settings.health_file.unlink(missing_ok=True)
         try:
             await self._redis.delete(self._key)
         except REDIS_ERRORS as e:
             logger.warning(
                 'cannot delete heartbeat %s, it expires in %ds: %s', self._key, self._ttl, describe_error(e)
             )
+
+
+def health(settings: Settings, max_age: float | None = None) -> tuple[bool, str]:
+    """``flowworker health``: what FLOWWORKER_HEALTH_FILE says of its process. Healthy while the
+    process runs and its last beat, at most ``max_age`` seconds ago (by default the heartbeat
+    key's TTL, three intervals), reached Redis."""
+    path = settings.health_file
+    if path is None:
+        raise SettingsError('FLOWWORKER_HEALTH_FILE is not set: no worker writes a health file to read')
+    try:
+        state = json.loads(path.read_text())
+        who = f'worker {state["worker_id"]} (pid {state["pid"]})'
+        age = time.time() - float(state['beat_at'])
+        limit = max_age if max_age is not None else TTL_INTERVALS * float(state['interval'])
+        pid, redis, state_name = int(state['pid']), str(state['redis']), str(state['state'])
+    except FileNotFoundError:
+        return False, f'no health file {path}: the worker has not beaten yet, or has stopped'
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return False, f'cannot read the health file {path}: {describe_error(e)}'
+    if not _alive(pid):
+        return False, f'{who} is gone'
+    if age > limit:
+        return False, f'{who} last beat {age:.1f}s ago, more than {limit:g}s'
+    if redis != 'ok':
+        return False, f'{who} cannot reach Redis: {redis}'
+    return True, f'{who} {state_name}, last beat {age:.1f}s ago'
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it runs
+        return True
+    return True
 
 
 # --- reading the fleet's heartbeats ---------------------------------------------------------

@@ -145,6 +145,12 @@ class Settings(BaseSettings):
         default='<hostname>:<pid>',
         min_length=1,
     )
+    health_file: Path | None = _env(
+        'FLOWWORKER_HEALTH_FILE',
+        'file the worker rewrites after each heartbeat with how it went, for `flowworker health` '
+        "(a container's HEALTHCHECK); none when unset",
+        default=None,
+    )
     poll_delay: float = _env(
         'FLOWWORKER_POLL_DELAY',
         'seconds between queue polls when Redis keyspace events cannot wake the worker',
