@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build a local podman image of Debian bookworm that boots systemd as PID 1,
-# for molecule / testinfra role tests.  No container registry is used: the
+# for molecule / testinfra role tests (KIND=systemd), or a plain one with
+# Python 3.11 and venv, the base of the Compose images (KIND=base: Debian's
+# stand-in for python:3.11-slim).  No container registry is used: the
 # root filesystem is made with debootstrap from the host's own apt mirror and
 # fed to `podman import`.
 #
@@ -8,7 +10,9 @@
 #   --check  after building (or finding) the image, boot one container, wait
 #            for systemd, print failed units, and remove the container.
 # Env:
-#   IMAGE   image name      (default localhost/flowworker-systemd:bookworm)
+#   KIND    systemd or base (default systemd)
+#   IMAGE   image name      (default localhost/flowworker-systemd:bookworm,
+#                            KIND=base: localhost/flowworker-python:3.11-bookworm)
 #   SUITE   Debian suite    (default bookworm)
 #   MIRROR  Debian mirror   (default: the URI the host's apt sources use)
 #   FORCE=1 rebuild even if an up-to-date image exists
@@ -16,7 +20,11 @@
 # Idempotent: the image carries a label with a hash of this script and of
 # containers.conf; when it matches, the script returns in about a second.
 #
-# Packages baked into the image (everything else is the role's job):
+# KIND=base: python3 python3-venv ca-certificates (+ the host's extra CAs and
+# apt sources, so that images built from it install Debian packages), no
+# systemd; CMD python3.
+#
+# KIND=systemd: packages baked into the image (everything else is the role's job):
 #   systemd systemd-sysv dbus   boot systemd as PID 1
 #   python3 python3-apt         ansible modules (apt module needs python3-apt)
 #   python3-venv                roles that make virtualenvs
@@ -27,7 +35,12 @@
 #                               /usr/local/share/ca-certificates
 set -euo pipefail
 
-IMAGE="${IMAGE:-localhost/flowworker-systemd:bookworm}"
+KIND="${KIND:-systemd}"
+case "$KIND" in
+    systemd) IMAGE="${IMAGE:-localhost/flowworker-systemd:bookworm}" ;;
+    base) IMAGE="${IMAGE:-localhost/flowworker-python:3.11-bookworm}" ;;
+    *) echo "KIND must be systemd or base, got '$KIND'" >&2; exit 2 ;;
+esac
 SUITE="${SUITE:-bookworm}"
 FORCE="${FORCE:-0}"
 CHECK=0
@@ -42,9 +55,13 @@ done
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 CONF_SRC="$HERE/containers.conf"
 CONF_DST=/etc/containers/containers.conf
-INCLUDE="systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,sudo,openssh-server,iproute2,procps,ca-certificates"
+if [[ "$KIND" == base ]]; then
+    INCLUDE="python3,python3-venv,ca-certificates"
+else
+    INCLUDE="systemd,systemd-sysv,dbus,python3,python3-apt,python3-venv,sudo,openssh-server,iproute2,procps,ca-certificates"
+fi
 LABEL_KEY=org.flowworker.build-hash
-BUILD_HASH="$(cat "${BASH_SOURCE[0]}" "$CONF_SRC" | sha256sum | cut -c1-16)"
+BUILD_HASH="$({ cat "${BASH_SOURCE[0]}" "$CONF_SRC"; echo "$KIND"; } | sha256sum | cut -c1-16)"
 
 log() { printf '[build-test-image] %s\n' "$*" >&2; }
 
@@ -181,6 +198,22 @@ copy_apt_config() {
     fi
 }
 
+configure_systemd() {
+    # Each container gets its own machine-id (systemd makes one at boot).
+    rm -f "$ROOT/var/lib/dbus/machine-id"
+    # No background apt runs fighting the roles for the dpkg lock.
+    chroot "$ROOT" systemctl mask apt-daily.timer apt-daily-upgrade.timer \
+        apt-daily.service apt-daily-upgrade.service >/dev/null 2>&1
+    # Units that cannot work in a container and only add noise to --failed.
+    chroot "$ROOT" systemctl mask systemd-remount-fs.service \
+        getty@tty1.service serial-getty@.service console-getty.service \
+        systemd-firstboot.service sys-kernel-config.mount \
+        sys-kernel-debug.mount sys-kernel-tracing.mount >/dev/null 2>&1
+    chroot "$ROOT" systemctl enable ssh.service >/dev/null 2>&1
+    # Note: ssh host keys are generated once here and shared by every
+    # container from this image; fine for throwaway test hosts.
+}
+
 build_image() {
     local mirror="${MIRROR:-}"
     if [[ -z "$mirror" ]]; then
@@ -212,20 +245,10 @@ build_image() {
 
     copy_apt_config
 
-    # Each container gets its own machine-id (systemd makes one at boot).
     : >"$ROOT/etc/machine-id"
-    rm -f "$ROOT/var/lib/dbus/machine-id"
-    # No background apt runs fighting the roles for the dpkg lock.
-    chroot "$ROOT" systemctl mask apt-daily.timer apt-daily-upgrade.timer \
-        apt-daily.service apt-daily-upgrade.service >/dev/null 2>&1
-    # Units that cannot work in a container and only add noise to --failed.
-    chroot "$ROOT" systemctl mask systemd-remount-fs.service \
-        getty@tty1.service serial-getty@.service console-getty.service \
-        systemd-firstboot.service sys-kernel-config.mount \
-        sys-kernel-debug.mount sys-kernel-tracing.mount >/dev/null 2>&1
-    chroot "$ROOT" systemctl enable ssh.service >/dev/null 2>&1
-    # Note: ssh host keys are generated once here and shared by every
-    # container from this image; fine for throwaway test hosts.
+    if [[ "$KIND" == systemd ]]; then
+        configure_systemd
+    fi
 
     chroot "$ROOT" apt-get clean
     rm -rf "$ROOT"/var/lib/apt/lists/* "$ROOT"/var/cache/apt/*.bin \
@@ -235,9 +258,12 @@ build_image() {
     log "importing as $IMAGE"
     local old_id=""
     old_id="$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
+    local changes=(--change 'CMD ["python3"]')
+    if [[ "$KIND" == systemd ]]; then
+        changes=(--change 'CMD ["/lib/systemd/systemd"]' --change 'STOPSIGNAL SIGRTMIN+3')
+    fi
     tar --numeric-owner --xattrs -C "$ROOT" -c . | podman import --quiet \
-        --change 'CMD ["/lib/systemd/systemd"]' \
-        --change 'STOPSIGNAL SIGRTMIN+3' \
+        "${changes[@]}" \
         --change "LABEL $LABEL_KEY=$BUILD_HASH" \
         --message "debootstrap $SUITE minbase + $INCLUDE" \
         - "$IMAGE" >/dev/null
@@ -273,7 +299,7 @@ main() {
     else
         build_image
     fi
-    if ((CHECK)); then
+    if ((CHECK)) && [[ "$KIND" == systemd ]]; then
         check_image
     fi
 }
