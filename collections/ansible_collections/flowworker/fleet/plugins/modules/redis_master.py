@@ -8,13 +8,13 @@ DOCUMENTATION = r"""
 module: redis_master
 short_description: Find the current Redis master and record it where Redis and Sentinel start from
 description:
-  - Decides which node of a replicated Redis data set is the master now, in this order: what the
+  - Decides which node of a replicated Redis data set is the master now, in this order, what the
     Redis Sentinels say (the address most of the answering sentinels name), else what the data
     nodes themselves say (the first that reports the master role), else the first of I(nodes),
     the master of a data set deployed for the first time. A failover is therefore followed, never
-    undone: the roles do not force the first node back.
+    undone; the roles do not force the first node back.
   - Records it in the state file the server starts from, a file Redis and Sentinel rewrite
-    themselves (CONFIG REWRITE after a failover): the role's own settings are included after it on
+    themselves (CONFIG REWRITE after a failover); the role's own settings are included after it on
     the command line, so they win. For I(kind=server) the file holds C(replicaof) on a replica and
     nothing on the master; it is written when it is missing, or with I(rewrite) (before a restart
     the role makes, which also drops what CONFIG REWRITE copied into it). For I(kind=sentinel) it
@@ -24,7 +24,7 @@ description:
   - Check mode reports what would change; C(--diff) shows the state file's comments and its
     replication or monitor lines alone (CONFIG REWRITE copies C(masterauth) into it).
   - A data node that ran (its state file exists) and that neither the sentinels nor the node
-    itself answer for keeps its state file as it is, even with I(rewrite): the first of
+    itself answer for keeps its state file as it is, even with I(rewrite); the first of
     I(nodes) is the master of a data set that never started, not of one whose sentinels are
     unreachable.
 options:
