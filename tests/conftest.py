@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import re
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 import asyncpg
 import pytest
@@ -206,6 +210,127 @@ def current_version(host: str) -> str:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """test_sentinel.py last: it leaves the lab with sentinels, which no other module expects."""
     items.sort(key=lambda item: item.path.name == 'test_sentinel.py')
+
+
+QUEUE = 'arq:queue:default'
+
+
+class Endpoints(Protocol):
+    """Where a fleet's producers and its records are: the lab's, or the Compose stack's."""
+
+    def redis_url(self) -> str: ...
+
+    def worker_dsn(self) -> str: ...
+
+
+# seconds a job may take to be recorded after the load stopped (generous: the machine is shared)
+SETTLE_TIMEOUT = 180
+
+
+class Load:
+    """`demo.sleep` flows of 0.2-3 s enqueued every 1/rate s, and heartbeats sampled, in a thread."""
+
+    def __init__(self, lab: Endpoints, rate: float = 4.0, sample_every: float = 0.2) -> None:
+        self.lab = lab
+        self.rate = rate
+        self.sample_every = sample_every
+        self.job_ids: list[str] = []
+        # (monotonic time, {host: instances whose heartbeat says `running`})
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name='load')
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        time.sleep(3)  # the fleet is busy before the playbook starts
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None and kind is None:
+            raise self._error
+
+    async def _run(self) -> None:
+        try:
+            await asyncio.gather(self._produce(), self._sample())
+        except BaseException as e:  # reported by __exit__ in the test's thread
+            self._error = e
+
+    async def _produce(self) -> None:
+        producer = await create_pool(RedisSettings.from_dsn(self.lab.redis_url()))
+        try:
+            while not self._stop.is_set():
+                seconds = round(random.uniform(0.2, 3.0), 2)
+                job = await producer.enqueue_job(
+                    'run_flow', 'demo.sleep', {'seconds': seconds}, _queue_name=QUEUE
+                )
+                assert job is not None
+                self.job_ids.append(job.job_id)
+                await asyncio.sleep(1 / self.rate)
+        finally:
+            await producer.aclose()
+
+    async def _sample(self) -> None:
+        client = redis.asyncio.Redis.from_url(self.lab.redis_url(), decode_responses=True)
+        try:
+            while not self._stop.is_set():
+                keys = [key async for key in client.scan_iter('arq:worker:*')]
+                beats = [b for b in await client.mget(keys) if b] if keys else []
+                running: dict[str, int] = {}
+                for raw in beats:
+                    beat = json.loads(raw)
+                    if beat.get('state') == 'running':
+                        running[beat['host']] = running.get(beat['host'], 0) + 1
+                self.samples.append((time.monotonic(), running))
+                await asyncio.sleep(self.sample_every)
+        finally:
+            await client.aclose()
+
+    def fewest_running(self, host: str) -> int:
+        return min(running.get(host, 0) for _, running in self.samples)
+
+    def most_running(self, host: str) -> int:
+        return max(running.get(host, 0) for _, running in self.samples)
+
+    def attempts(self) -> dict[str, list[asyncpg.Record]]:
+        """Every attempt of every job, once each job has a final one (or SETTLE_TIMEOUT passed)."""
+
+        async def read() -> dict[str, list[asyncpg.Record]]:
+            db = await asyncpg.connect(self.lab.worker_dsn())
+            try:
+                deadline = time.monotonic() + SETTLE_TIMEOUT
+                while True:
+                    rows = await db.fetch(
+                        'SELECT job_id, attempt, status, worker_id, error FROM flow_task_attempts '
+                        'WHERE job_id = ANY($1) ORDER BY job_id, attempt',
+                        self.job_ids,
+                    )
+                    done = {r['job_id'] for r in rows if r['status'] in ('succeeded', 'failed', 'cancelled')}
+                    if len(done) == len(self.job_ids) or time.monotonic() > deadline:
+                        break
+                    await asyncio.sleep(1)
+            finally:
+                await db.close()
+            out: dict[str, list[asyncpg.Record]] = {job_id: [] for job_id in self.job_ids}
+            for row in rows:
+                out[row['job_id']].append(row)
+            return out
+
+        return asyncio.run(read())
+
+    def assert_every_job_succeeded_once(self) -> None:
+        assert len(self.job_ids) >= 20, 'the load was too thin to show anything'
+        attempts = self.attempts()
+        wrong = {
+            job_id: [(r['attempt'], r['status'], r['worker_id'], r['error']) for r in rows]
+            for job_id, rows in attempts.items()
+            if [r['status'] for r in rows] != ['succeeded']
+        }
+        assert not wrong, f'{len(wrong)} of {len(attempts)} jobs did not succeed exactly once: {wrong}'
 
 
 @pytest.fixture(scope='session')
