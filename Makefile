@@ -21,13 +21,14 @@ BENCH_WORKERS ?= 1 8
 # openssh-client: Ansible reaches the lab; prometheus: its promtool checks and unit-tests the alert
 # rules and the scrape configuration in monitoring/, and the end-to-end tests run its server in a
 # lab container (none runs on this machine; on one that boots systemd the package would enable
-# its own service)
-APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-dns iptables debootstrap openssh-client prometheus
+# its own service); docker.io and docker-compose: compose.yaml's tests and `make compose-demo` (the
+# README's "Compose")
+APT_PACKAGES := redis-server postgresql chromium podman runc netavark aardvark-dns iptables debootstrap openssh-client prometheus docker.io docker-compose
 
 export PATH := $(BIN):$(PATH)
 export ANSIBLE_CONFIG := $(abspath ansible.cfg)
 
-.PHONY: help bootstrap lock bench-lock image lab deploy demo lab-down test lint test-worker test-roles test-e2e bench bench-deploy clean
+.PHONY: help bootstrap lock bench-lock image lab deploy demo lab-down compose-images compose-demo compose-down test lint test-worker test-roles test-e2e test-compose bench bench-deploy clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -94,9 +95,18 @@ demo: deploy ## lab + deploy + run demo flows and show which host ran them
 lab-down: bootstrap ## remove the lab fleet and everything it made
 	ansible-playbook -i inventories/lab -i inventories/lab-ha playbooks/lab.yml -e lab_fleet_state=absent
 
+compose-images: bootstrap ## the images compose.yaml runs here: flowworker's (worker/Containerfile), Debian's Redis and PostgreSQL (images/build-compose-images.sh; starts dockerd)
+	images/build-compose-images.sh
+
+compose-demo: compose-images ## compose.yaml up (3 workers, the monitor), demo flows from a plain arq producer, which replica ran how many, the monitor's URL
+	python compose/demo.py up
+
+compose-down: bootstrap ## remove the Compose demo: its containers, network and volumes
+	python compose/demo.py down
+
 lint: bootstrap ## static checks: ruff, mypy --strict, tests/static (planner, role docs, inventories), yamllint, ansible-lint, syntax, the alert rules and the scrape configuration (promtool)
 	cd worker && ruff check . && ruff format --check . && mypy src tests bench
-	ruff check tests roles collections molecule bench && ruff format --check tests roles collections molecule bench
+	ruff check tests roles collections molecule bench compose && ruff format --check tests roles collections molecule bench compose
 	pytest -q tests/static
 	yamllint .
 	ansible-lint
@@ -114,7 +124,10 @@ test-roles: image ## molecule scenarios on real systemd containers, side by side
 test-e2e: image ## end-to-end: ansible-playbook against the lab fleet, made from nothing (K=expr for some)
 	python tests/suite.py e2e $(if $(K),-k '$(K)')
 
-test: image ## everything: lint, worker, molecule and end-to-end side by side, with a time table
+test-compose: compose-images ## compose.yaml with Docker: a stack from nothing, 200 flows, scaling, a restart and a SIGKILL under load, non-root, the healthcheck
+	pytest -q tests/test_compose.py
+
+test: image ## everything: lint, worker, molecule, end-to-end and Compose side by side, with a time table
 	python tests/suite.py
 
 bench: bootstrap $(STAMPS)/bench-venv ## benchmarks: throughput and CPU per job against bare arq, SAQ, Dramatiq, Celery and RQ, pick-up latency idle and under load, idle CPU, memory; the records at 5 M rows (both run; fails if a target is missed)

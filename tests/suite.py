@@ -1,6 +1,6 @@
 """Run the test layers side by side and print the wall time of each part (`make test`).
 
-    python tests/suite.py                      # every layer: lint, worker, roles, e2e
+    python tests/suite.py                      # every layer: lint, worker, roles, e2e, compose
     python tests/suite.py roles [SCENARIO...]  # molecule scenarios (all, or the named ones)
     python tests/suite.py e2e [-k EXPR]        # the end-to-end tests (or those matching EXPR)
 
@@ -46,6 +46,7 @@ FIRST_RUN: dict[str, float] = {
     'roles:sentinel': 160,
     'roles:bad_inputs': 152,
     'lint': 58,
+    'compose': 420,
 }
 # The fixed loopback ports of the lab (inventories/lab*) and the scenarios (molecule/*/molecule.yml)
 # lie in Linux's ephemeral range (32768-60999): a client's or a test server's port taken at random
@@ -90,9 +91,12 @@ def parts(layers: list[str], scenarios: list[str], keyword: str | None) -> list[
         found += [Part('roles', name, [*nice, 'molecule', 'test', '-s', name]) for name in scenarios]
     if 'e2e' in layers:
         selection = ['-k', keyword] if keyword else []
-        # tests/static (no host) is lint's
+        # tests/static (no host) is lint's, tests/test_compose.py (Docker) the compose part's
         pytest = ['pytest', '-q', '--durations=15', 'tests', '--ignore=tests/static']
+        pytest.append('--ignore=tests/test_compose.py')
         found.append(Part('e2e', 'e2e', [*pytest, *selection]))
+    if 'compose' in layers:
+        found.append(Part('compose', 'compose', [*nice, 'make', '--no-print-directory', 'test-compose']))
     return found
 
 
@@ -152,7 +156,8 @@ def table(done: list[Part], total: float) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('layer', nargs='?', choices=['roles', 'e2e'], help='one layer only (default: all)')
+    layers = ['roles', 'e2e', 'compose']
+    parser.add_argument('layer', nargs='?', choices=layers, help='one layer only (default: all)')
     parser.add_argument('scenarios', nargs='*', help=f'with `roles`: these scenarios only, of {SCENARIOS}')
     parser.add_argument('-k', dest='keyword', help='with `e2e`: only the tests that match (pytest -k)')
     parser.add_argument(
@@ -167,7 +172,7 @@ def main() -> int:
     if args.jobs < 1:
         parser.error(f'--jobs {args.jobs}: give 1 or more')
 
-    layers = [args.layer] if args.layer else ['lint', 'worker', 'roles', 'e2e']
+    layers = [args.layer] if args.layer else ['lint', 'worker', 'roles', 'e2e', 'compose']
     todo = parts(layers, args.scenarios or SCENARIOS, args.keyword)
     LOGS.mkdir(parents=True, exist_ok=True)
     last: dict[str, float] = json.loads(TIMES.read_text()) if TIMES.is_file() else FIRST_RUN
