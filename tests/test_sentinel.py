@@ -226,7 +226,9 @@ def fail_over(lab: Lab, how: str, kill: Any, revive: Any) -> None:
         produced = producer.result()
     finally:
         revive(old)
-    wait_for(f'{old} to replicate {new}', lambda: role(old, lab)[:4] == ['slave', new, '6379', 'connected'])
+    # (a host started again boots first; a loaded machine has taken over 90 s)
+    rejoined = ['slave', new, '6379', 'connected']
+    wait_for(f'{old} to replicate {new}', lambda: role(old, lab)[:4] == rejoined, timeout=240)
 
     # the first second after the kill: what the old master took as it died
     statuses, firsts = attempts(lab, list(produced.acked), killed + 1)
