@@ -191,27 +191,29 @@ def test_restart_under_load_loses_no_job(stack: Stack) -> None:
 
 
 def test_a_replica_killed_mid_job_has_its_job_run_again(stack: Stack) -> None:
-    async def enqueue() -> str:
+    async def started() -> tuple[str, str]:
+        """A long job, and the worker id its attempt is recorded running under."""
         producer = await create_pool(RedisSettings.from_dsn(stack.redis_url()))
+        db = await asyncpg.connect(stack.worker_dsn())
         try:
             job = await producer.enqueue_job('run_flow', 'demo.sleep', {'seconds': 8}, _queue_name=QUEUE)
             assert job is not None
-            return job.job_id
+            async with asyncio.timeout(60):
+                while not (
+                    worker_id := await db.fetchval(
+                        "SELECT worker_id FROM flow_task_attempts WHERE job_id = $1 AND status = 'running'",
+                        job.job_id,
+                    )
+                ):
+                    await asyncio.sleep(0.2)
+            return job.job_id, str(worker_id)
         finally:
             await producer.aclose()
+            await db.close()
 
-    job_id = asyncio.run(enqueue())
-
-    def running_on() -> str | None:
-        with redis.Redis.from_url(stack.redis_url(), decode_responses=True) as client:
-            for key in client.scan_iter('arq:worker:*'):
-                beat = json.loads(client.get(key) or '{}')
-                if beat.get('jobs', {}).get('running'):
-                    return str(beat['host'])
-        return None
-
-    wait_until(running_on, 30, 'a replica running the job')
-    victim = next(c for c in stack.replicas() if stack.inspect(c, '{{.Config.Hostname}}') == running_on())
+    job_id, worker_id = asyncio.run(started())
+    hostname = worker_id.split(':')[0]
+    victim = next(c for c in stack.replicas() if stack.inspect(c, '{{.Config.Hostname}}') == hostname)
     # SIGKILL to the worker process from the host, as a crash (docker kill would count as a stop
     # asked for, which the restart policy leaves alone)
     os.kill(int(stack.inspect(victim, '{{.State.Pid}}')), signal.SIGKILL)
