@@ -215,6 +215,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 QUEUE = 'arq:queue:default'
 
 
+async def running_attempt(db: asyncpg.Connection, job_id: str, timeout: float = 60) -> str:
+    """The worker id a job's attempt is recorded running under, once it is."""
+    async with asyncio.timeout(timeout):
+        while not (
+            worker_id := await db.fetchval(
+                "SELECT worker_id FROM flow_task_attempts WHERE job_id = $1 AND status = 'running'", job_id
+            )
+        ):
+            await asyncio.sleep(0.2)
+    return str(worker_id)
+
+
 class Endpoints(Protocol):
     """Where a fleet's producers and its records are: the lab's, or the Compose stack's."""
 

@@ -24,7 +24,7 @@ import pytest
 import redis
 from arq.connections import RedisSettings, create_pool
 
-from .conftest import QUEUE, ROOT, Load
+from .conftest import QUEUE, ROOT, Load, running_attempt
 
 PROJECT = 'flowworker-test'
 REDIS_PORT, POSTGRES_PORT = 42690, 42691
@@ -198,15 +198,7 @@ def test_a_replica_killed_mid_job_has_its_job_run_again(stack: Stack) -> None:
         try:
             job = await producer.enqueue_job('run_flow', 'demo.sleep', {'seconds': 8}, _queue_name=QUEUE)
             assert job is not None
-            async with asyncio.timeout(60):
-                while not (
-                    worker_id := await db.fetchval(
-                        "SELECT worker_id FROM flow_task_attempts WHERE job_id = $1 AND status = 'running'",
-                        job.job_id,
-                    )
-                ):
-                    await asyncio.sleep(0.2)
-            return job.job_id, str(worker_id)
+            return job.job_id, await running_attempt(db, job.job_id)
         finally:
             await producer.aclose()
             await db.close()

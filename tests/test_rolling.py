@@ -31,6 +31,7 @@ from .conftest import (
     current_version,
     keys_of,
     podman_exec,
+    running_attempt,
     runs_as_its_inventory_says,
 )
 
@@ -226,14 +227,7 @@ def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_another_instance_runs
         try:
             job = await producer.enqueue_job('run_flow', 'demo.sleep', {'seconds': 10}, _queue_name=QUEUE)
             assert job is not None
-            async with asyncio.timeout(60):
-                while not (
-                    worker_id := await db.fetchval(
-                        "SELECT worker_id FROM flow_task_attempts WHERE job_id = $1 AND status = 'running'",
-                        job.job_id,
-                    )
-                ):
-                    await asyncio.sleep(0.2)
+            worker_id = await running_attempt(db, job.job_id)
             host, instance = worker_id.split(':')
             pid = podman_exec(
                 host, 'systemctl', 'show', '--property=MainPID', '--value', f'{instance}.service'
