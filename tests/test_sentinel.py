@@ -226,7 +226,7 @@ def fail_over(lab: Lab, how: str, kill: Any, revive: Any) -> None:
         produced = producer.result()
     finally:
         revive(old)
-    # (a host started again boots first; a loaded machine has taken over 90 s)
+    # (a host started again boots first, then its redis-server; the sentinels turn it into a replica)
     rejoined = ['slave', new, '6379', 'connected']
     wait_for(f'{old} to replicate {new}', lambda: role(old, lab)[:4] == rejoined, timeout=240)
 
