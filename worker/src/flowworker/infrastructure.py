@@ -188,16 +188,22 @@ async def initialize(
 class _CountsReconnects(AbstractConnection):
     """Mixed into a Redis pool's connection class: counts each connect() of a connection object
     whose previous socket an error ended (the server closed it, a read or write failed or timed
-    out), not its first connect, nor one after a deliberate disconnect (a pub/sub closed, the pool
-    shut down)."""
+    out) or went to another address (a Sentinel pool's connection following a failover: the pool
+    closes its idle connections to the old master when a sentinel names a new one, before the old
+    master, once demoted, would close them), not its first connect, nor one after a deliberate
+    disconnect from the same server (a pub/sub closed, the pool shut down)."""
 
     reconnected: Callable[[], None]
     _lost = False
+    _peer: tuple[object, object] | None = None
 
     async def connect(self) -> None:
         replacing = self._lost and not self.is_connected
         await super().connect()  # type: ignore[no-untyped-call]  # redis-py is partly typed
-        if replacing:
+        peer = (getattr(self, 'host', None), getattr(self, 'port', None))
+        moved = self._peer is not None and peer != self._peer
+        self._peer = peer
+        if replacing or moved:
             self._lost = False
             type(self).reconnected()
 

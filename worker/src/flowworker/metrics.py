@@ -25,7 +25,9 @@ replaced, and never for a connection opened at start-up or as the pool grows:
 - Redis: a connection object of the process's one pool (arq's poll loop, job bookkeeping,
   heartbeat, spilled records and the wake-up's subscription all share it) connecting again after
   an error ended its socket: the server closed it (``CLIENT KILL``, a restart, a timeout), a read
-  or write failed. flowworker's own recovery points (the poll loop's back-off, the wake-up's
+  or write failed; or connecting to another server than before (with Sentinel, after a failover:
+  redis-py closes the pool's idle connections to the old master once a sentinel names the new
+  one). flowworker's own recovery points (the poll loop's back-off, the wake-up's
   re-subscribe, a heartbeat that failed) would miss most of them: redis-py's retry
   (``infrastructure.create_redis``) re-makes a broken connection and re-subscribes a pub/sub
   before flowworker sees an error, and a connection killed while idle in the pool is replaced the
