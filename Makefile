@@ -124,7 +124,7 @@ test-roles: image ## molecule scenarios on real systemd containers, side by side
 test-e2e: image ## end-to-end: ansible-playbook against the lab fleet, made from nothing (K=expr for some)
 	python tests/suite.py e2e $(if $(K),-k '$(K)')
 
-test-compose: compose-images ## compose.yaml with Docker: a stack from nothing, 200 flows, scaling, a restart and a SIGKILL under load, non-root, the healthcheck
+test-compose: compose-images ## compose.yaml with Docker: a stack from nothing, 200 flows, scaling, a restart and a SIGKILL under load, non-root, a flow package built in, the healthcheck
 	pytest -q tests/test_compose.py
 
 test: image ## everything: lint, worker, molecule, end-to-end and Compose side by side, with a time table

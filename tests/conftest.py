@@ -207,6 +207,29 @@ def current_version(host: str) -> str:
     return podman_exec(host, 'readlink', '/opt/arq-worker/current')
 
 
+# a flow package's module: one flow, which says which release runs it
+EXTRA_FLOWS = (
+    'from flowworker import flow\n\n\n'
+    "@flow('extra.version')\n"
+    'async def version() -> str:\n'
+    "    return 'extra-flows 1.0'\n"
+)
+
+
+def flow_package(root: Path, name: str = 'extra-flows', source: str = EXTRA_FLOWS) -> Path:
+    """A team's flow package, version 1.0, in ``root``: distribution ``name``, its one module (the
+    name with underscores) of ``source``."""
+    package = root / name
+    module = package / name.replace('-', '_')
+    module.mkdir(parents=True)
+    (package / 'pyproject.toml').write_text(
+        f'[project]\nname = "{name}"\nversion = "1.0"\n[build-system]\nrequires = ["setuptools"]\n'
+        'build-backend = "setuptools.build_meta"\n'
+    )
+    (module / '__init__.py').write_text(source)
+    return package
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """test_sentinel.py last: it leaves the lab with sentinels, which no other module expects."""
     items.sort(key=lambda item: item.path.name == 'test_sentinel.py')

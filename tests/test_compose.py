@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -24,7 +25,7 @@ import pytest
 import redis
 from arq.connections import RedisSettings, create_pool
 
-from .conftest import QUEUE, ROOT, Load, running_attempt
+from .conftest import QUEUE, ROOT, Load, flow_package, running_attempt
 
 PROJECT = 'flowworker-test'
 REDIS_PORT, POSTGRES_PORT = 42690, 42691
@@ -37,13 +38,21 @@ PASSWORDS = {
 }
 # Debian's docker client (docker.io): another docker earlier in PATH may not be
 DOCKER = '/usr/bin/docker'
+BASE_IMAGE = 'localhost/flowworker-python:3.11-bookworm'
+CA_BUNDLE = os.environ.get('CA_BUNDLE', '/etc/ssl/certs/ca-certificates.crt')
 
 
 class Stack:
     """The Compose project: its commands, and where producers and the records are."""
 
     def __init__(self, env_file: Path) -> None:
+        self.env_file = env_file
         self.compose = ['docker-compose', '--env-file', str(env_file), '-p', PROJECT]
+
+    def configure(self, **settings: str) -> None:
+        """Add ``settings`` to the env file, as an operator edits theirs."""
+        with self.env_file.open('a') as env:
+            env.writelines(f'{name}={value}\n' for name, value in settings.items())
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
@@ -92,14 +101,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         'REDIS_URL': f'redis://:{PASSWORDS["REDIS_PASSWORD"]}@redis:6379/0',
         'REDIS_IMAGE': 'localhost/flowworker-redis:7',
         'POSTGRES_IMAGE': 'localhost/flowworker-postgres:15',
-        'WORKER_BASE_IMAGE': 'localhost/flowworker-python:3.11-bookworm',
+        'WORKER_BASE_IMAGE': BASE_IMAGE,
         'REDIS_PUBLISH': f'127.0.0.1:{REDIS_PORT}',
         'POSTGRES_PUBLISH': f'127.0.0.1:{POSTGRES_PORT}',
         'WORKER_HEALTHCHECK_INTERVAL': '2s',
         'FLOWWORKER_DRAIN_TIMEOUT': '20',
     }
-    env_file.write_text(''.join(f'{name}={value}\n' for name, value in settings.items()))
     stack = Stack(env_file)
+    stack.configure(**settings)
     stack.run('down', '--volumes', '--remove-orphans')
     stack.run('up', '-d')
     yield stack
@@ -188,6 +197,75 @@ def test_restart_under_load_loses_no_job(stack: Stack) -> None:
     assert stack.replicas() == before
     assert not_once_succeeded(load) == {}
     wait_until(lambda: len(stack.heartbeats()) == 2, 60, 'both replicas beating again')
+
+
+def build_context(root: Path) -> Path:
+    """What worker/Containerfile builds from, copied from the repository's root (the files
+    .dockerignore lets through), with flows/ holding its README alone."""
+    for name in (
+        '.dockerignore',
+        'flows/README.md',
+        'worker/Containerfile',
+        'worker/pyproject.toml',
+        'worker/requirements.lock',
+        'worker/README.md',
+        'worker/scripts/start_worker.py',
+    ):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, root / name)
+    ignore = shutil.ignore_patterns('__pycache__', '*.egg-info')
+    shutil.copytree(ROOT / 'worker' / 'src', root / 'worker' / 'src', ignore=ignore)
+    return root
+
+
+def test_a_flow_package_put_in_flows_is_built_into_the_image_and_its_flow_runs(
+    stack: Stack, tmp_path: Path
+) -> None:
+    context = build_context(tmp_path)
+    flow_package(context / 'flows')
+    image = 'flowworker-test-flows'
+    build = subprocess.run(
+        [
+            DOCKER,
+            'build',
+            '--quiet',
+            '--build-arg',
+            f'BASE_IMAGE={BASE_IMAGE}',
+            '--secret',
+            f'id=pip-ca,src={CA_BUNDLE}',
+            '-t',
+            image,
+            '-f',
+            str(context / 'worker' / 'Containerfile'),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env={**os.environ, 'DOCKER_BUILDKIT': '1'},
+    )
+    assert build.returncode == 0, build.stderr
+    # the release: the new image for every service, its module named, the stack brought up again
+    stack.configure(WORKER_IMAGE=image, FLOWWORKER_FLOW_MODULES='extra_flows')
+
+    stack.run('up', '-d')
+
+    assert {stack.inspect(c, '{{.Config.Image}}') for c in stack.replicas()} == {image}
+
+    async def version() -> tuple[str, object]:
+        producer = await create_pool(RedisSettings.from_dsn(stack.redis_url()))
+        try:
+            job = await producer.enqueue_job('run_flow', 'extra.version', {}, _queue_name=QUEUE)
+            assert job is not None
+            return job.job_id, await job.result(timeout=120, poll_delay=0.5)
+        finally:
+            await producer.aclose()
+
+    job_id, result = asyncio.run(version())
+    assert result == 'extra-flows 1.0'
+    assert asyncio.run(records(stack, [job_id])) == {job_id: ['succeeded']}
+    wait_until(lambda: len(stack.heartbeats()) == len(stack.replicas()), 60, 'every replica beating')
 
 
 def test_a_replica_killed_mid_job_has_its_job_run_again(stack: Stack) -> None:

@@ -25,6 +25,7 @@ from .conftest import (
     ansible_playbook,
     assert_deployed,
     current_version,
+    flow_package,
     podman_exec,
     scrape_targets,
 )
@@ -190,13 +191,7 @@ def test_each_client_logs_in_as_its_redis_user_that_may_do_no_more_than_it_needs
 def test_a_broken_release_never_goes_live_and_a_second_deploy_changes_nothing(
     deployed: Lab, tmp_path: Path
 ) -> None:
-    package = tmp_path / 'broken-flows'
-    (package / 'broken_flows').mkdir(parents=True)
-    (package / 'pyproject.toml').write_text(
-        '[project]\nname = "broken-flows"\nversion = "1.0"\n[build-system]\nrequires = ["setuptools"]\n'
-        'build-backend = "setuptools.build_meta"\n'
-    )
-    (package / 'broken_flows' / '__init__.py').write_text("raise RuntimeError('this release is broken')\n")
+    package = flow_package(tmp_path, 'broken-flows', "raise RuntimeError('this release is broken')\n")
     before = {host: (deployed.pids(host), current_version(host)) for host in WORKERS}
     broken = deployed.copy(tmp_path / 'inventory')
     broken.set_vars(

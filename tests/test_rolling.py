@@ -14,7 +14,6 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -29,6 +28,7 @@ from .conftest import (
     ansible_playbook,
     assert_deployed,
     current_version,
+    flow_package,
     keys_of,
     podman_exec,
     running_attempt,
@@ -100,23 +100,6 @@ def test_check_mode_and_limit_report_the_instances_and_touch_nothing(fleet: Lab)
     assert skipped.returncode == 0, skipped.output[-5000:]
     assert skipped.changed_hosts() == set()
     assert running_pids(fleet) == before
-
-
-def flow_package(root: Path) -> Path:
-    """A flow package to deploy with the worker: a new release (its wheelhouse, so its version, is new)."""
-    package = root / 'extra-flows'
-    (package / 'extra_flows').mkdir(parents=True)
-    (package / 'pyproject.toml').write_text(
-        '[project]\nname = "extra-flows"\nversion = "1.0"\n[build-system]\nrequires = ["setuptools"]\n'
-        'build-backend = "setuptools.build_meta"\n'
-    )
-    (package / 'extra_flows' / '__init__.py').write_text(
-        'from flowworker import flow\n\n\n'
-        "@flow('extra.version')\n"
-        'async def version() -> str:\n'
-        "    return 'extra-flows 1.0'\n"
-    )
-    return package
 
 
 def test_a_new_worker_version_deployed_under_load_loses_no_job(
