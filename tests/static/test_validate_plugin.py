@@ -5,6 +5,7 @@ are tested by the bad_inputs scenario; this covers the rules that scenario does 
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,24 @@ def test_each_pool_has_a_range_of_metrics_ports_and_each_instance_a_target(manag
     assert validate.scrape_targets(derive(args(metrics_port=0)), args(metrics_port=0)) == []
     ipv6 = args(metrics_scrape_address='fd00::7', pools=[{'name': 'default', 'instances': 1}])
     assert validate.scrape_targets(derive(ipv6), ipv6)[0]['targets'] == ['[fd00::7]:9301']
+
+
+def test_the_file_sd_file_of_a_host_goes_to_each_prometheus_host() -> None:
+    given = args(metrics_sd_hosts=['prom-1', 'prom-2'], inventory_hosts=['worker-2', 'prom-1', 'prom-2'])
+    targets = validate.scrape_targets(derive(given), given)
+
+    files = validate.scrape_files(targets, given)
+
+    directory = {'path': '/etc/prometheus/file_sd/flowworker', 'state': 'directory', 'mode': '0755'}
+    assert list(files) == ['prom-1', 'prom-2']
+    assert files['prom-1'] == files['prom-2']
+    [first, own] = files['prom-1']
+    assert first == directory
+    assert own['path'] == '/etc/prometheus/file_sd/flowworker/worker-2.json'
+    # as Ansible's to_nice_json writes it, so a file written by an earlier release stays unchanged
+    assert own['content'] == json.dumps(targets, indent=4, sort_keys=True, separators=(',', ': ')) + '\n'
+    assert json.loads(own['content'])[0]['targets'] == ['worker-2.example.internal:9301']
+    assert validate.scrape_files(targets, args(metrics_sd_hosts=[])) == {}
 
 
 def test_pools_sized_by_the_cores_need_the_hardware_facts() -> None:

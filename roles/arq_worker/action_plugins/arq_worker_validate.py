@@ -11,6 +11,7 @@ publishes them.
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import sys
 from pathlib import Path
@@ -113,6 +114,19 @@ def scrape_targets(derived: list[dict], args: dict[str, Any]) -> list[dict[str, 
         if pool['metrics_port'] > 0
         for instance in _plan.Pool(pool['prefix'], pool['count'], 0).instances(args['process_manager'])
     ]
+
+
+def scrape_files(targets: list[dict[str, Any]], args: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """This host's file-SD file and its directory, as flowworker.fleet.files entries, for each
+    Prometheus host (tasks/metrics.yml writes those of all the play's hosts in one run per
+    Prometheus host)."""
+    directory = str(args['metrics_sd_dir'])
+    content = json.dumps(targets, indent=4, sort_keys=True, separators=(',', ': ')) + '\n'
+    files = [
+        {'path': directory, 'state': 'directory', 'mode': '0755'},
+        {'path': f'{directory}/{args["inventory_hostname"]}.json', 'content': content, 'mode': '0644'},
+    ]
+    return dict.fromkeys(args['metrics_sd_hosts'], files)
 
 
 def unit_files(derived: list[dict], unit_dir: str) -> list[dict[str, Any]]:
@@ -434,7 +448,7 @@ class ActionModule(ActionBase):
             'changed': False,
             'pools': derived,
             'prunes': prunes(args),
-            'scrape_targets': scrape_targets(derived, args),
+            'scrape_files': scrape_files(scrape_targets(derived, args), args),
             'unit_files': (
                 unit_files(derived, args['unit_dir']) if args['process_manager'] == 'systemd' else []
             ),
