@@ -175,20 +175,26 @@ class TaskStore:
         self._wake.set()
 
     async def run(self) -> None:
-        """The flusher: write batches until cancelled, reconnecting with back-off."""
+        """The flusher: write batches until cancelled, reconnecting with back-off.
+
+        It never ends but by its cancel: a flusher that ended would write no record again while
+        the jobs ran on. An error that is not a database's (a driver's unforeseen one) is retried
+        the same way, logged with its traceback.
+        """
         delays = backoff()
         while True:
             try:
                 async with self._engine.connect() as conn:
                     raw = await conn.get_raw_connection()
                     await self._flush_forever(raw.driver_connection)
-            except DATABASE_ERRORS as e:
+            except Exception as e:  # any error: see the docstring
                 delay = next(delays)
                 logger.warning(
                     'cannot write %d task records, retrying in %.1fs: %s',
                     len(self._pending),
                     delay,
                     describe_error(e),
+                    exc_info=not isinstance(e, DATABASE_ERRORS),
                 )
                 self._set_health(False)
                 await asyncio.sleep(delay)
