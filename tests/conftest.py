@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -333,39 +333,52 @@ class Load:
 
     def attempts(self) -> dict[str, list[asyncpg.Record]]:
         """Every attempt of every job, once each job has a final one (or SETTLE_TIMEOUT passed)."""
+        return asyncio.run(final_attempts(self.lab.worker_dsn(), self.job_ids, SETTLE_TIMEOUT))
 
-        async def read() -> dict[str, list[asyncpg.Record]]:
-            db = await asyncpg.connect(self.lab.worker_dsn())
-            try:
-                deadline = time.monotonic() + SETTLE_TIMEOUT
-                while True:
-                    rows = await db.fetch(
-                        'SELECT job_id, attempt, status, worker_id, error FROM flow_task_attempts '
-                        'WHERE job_id = ANY($1) ORDER BY job_id, attempt',
-                        self.job_ids,
-                    )
-                    done = {r['job_id'] for r in rows if r['status'] in ('succeeded', 'failed', 'cancelled')}
-                    if len(done) == len(self.job_ids) or time.monotonic() > deadline:
-                        break
-                    await asyncio.sleep(1)
-            finally:
-                await db.close()
-            out: dict[str, list[asyncpg.Record]] = {job_id: [] for job_id in self.job_ids}
-            for row in rows:
-                out[row['job_id']].append(row)
-            return out
-
-        return asyncio.run(read())
+    def not_once_succeeded(self) -> dict[str, list[tuple[Any, ...]]]:
+        """The jobs that did not run exactly once and succeed, with their attempts."""
+        return {
+            job_id: [(r['attempt'], r['status'], r['worker_id'], r['error']) for r in rows]
+            for job_id, rows in self.attempts().items()
+            if [r['status'] for r in rows] != ['succeeded']
+        }
 
     def assert_every_job_succeeded_once(self) -> None:
         assert len(self.job_ids) >= 20, 'the load was too thin to show anything'
-        attempts = self.attempts()
-        wrong = {
-            job_id: [(r['attempt'], r['status'], r['worker_id'], r['error']) for r in rows]
-            for job_id, rows in attempts.items()
-            if [r['status'] for r in rows] != ['succeeded']
-        }
-        assert not wrong, f'{len(wrong)} of {len(attempts)} jobs did not succeed exactly once: {wrong}'
+        wrong = self.not_once_succeeded()
+        assert not wrong, f'{len(wrong)} of {len(self.job_ids)} jobs did not succeed exactly once: {wrong}'
+
+
+async def final_attempts(dsn: str, job_ids: list[str], timeout: float) -> dict[str, list[asyncpg.Record]]:
+    """Every attempt of each job, in order, once each job has a final one (or ``timeout`` passed)."""
+    db = await asyncpg.connect(dsn)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = await db.fetch(
+                'SELECT job_id, attempt, status, worker_id, error FROM flow_task_attempts '
+                'WHERE job_id = ANY($1) ORDER BY job_id, attempt',
+                job_ids,
+            )
+            done = {r['job_id'] for r in rows if r['status'] in ('succeeded', 'failed', 'cancelled')}
+            if len(done) == len(job_ids) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+    finally:
+        await db.close()
+    out: dict[str, list[asyncpg.Record]] = {job_id: [] for job_id in job_ids}
+    for row in rows:
+        out[row['job_id']].append(row)
+    return out
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` every half second until it is truthy; fail naming ``what`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f'{what} did not happen within {timeout} s')
+        time.sleep(0.5)
 
 
 @pytest.fixture(scope='session')

@@ -25,7 +25,7 @@ import pytest
 import redis
 from arq.connections import RedisSettings, create_pool
 
-from .conftest import QUEUE, ROOT, Load, flow_package, running_attempt
+from .conftest import QUEUE, ROOT, Load, final_attempts, flow_package, running_attempt, wait_until
 
 PROJECT = 'flowworker-test'
 REDIS_PORT, POSTGRES_PORT = 42690, 42691
@@ -83,14 +83,6 @@ class Stack:
         return done.stdout.strip()
 
 
-def wait_until(condition: object, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f'{what} did not happen within {timeout} s')
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope='module')
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env_file = tmp_path_factory.mktemp('compose') / 'compose.env'
@@ -127,46 +119,25 @@ async def produce(stack: Stack, flows: int) -> list[str]:
         await producer.aclose()
 
 
-async def records(stack: Stack, job_ids: list[str], timeout: float = 120) -> dict[str, list[str]]:
+def records(stack: Stack, job_ids: list[str], timeout: float = 120) -> dict[str, list[str]]:
     """Each job's attempts' statuses, once every job has a final one."""
-    db = await asyncpg.connect(stack.worker_dsn())
-    try:
-        async with asyncio.timeout(timeout):
-            while True:
-                rows = await db.fetch(
-                    'SELECT job_id, status FROM flow_task_attempts WHERE job_id = ANY($1) ORDER BY attempt',
-                    job_ids,
-                )
-                final = {r['job_id'] for r in rows if r['status'] in ('succeeded', 'failed', 'cancelled')}
-                if len(final) == len(job_ids):
-                    break
-                await asyncio.sleep(0.5)
-    finally:
-        await db.close()
-    out: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
-    for row in rows:
-        out[row['job_id']].append(row['status'])
-    return out
-
-
-def not_once_succeeded(load: Load) -> dict[str, list[str]]:
-    """The jobs that did not run exactly once and succeed, with their attempts' statuses."""
-    attempts = {job: [row['status'] for row in rows] for job, rows in load.attempts().items()}
-    return {job: statuses for job, statuses in attempts.items() if statuses != ['succeeded']}
+    attempts = asyncio.run(final_attempts(stack.worker_dsn(), job_ids, timeout))
+    return {job_id: [row['status'] for row in rows] for job_id, rows in attempts.items()}
 
 
 def test_the_stack_runs_200_flows_from_a_plain_arq_producer_on_three_replicas(stack: Stack) -> None:
     wait_until(lambda: len(stack.heartbeats()) == 3, 60, 'three heartbeats')
     job_ids = asyncio.run(produce(stack, 200))
 
-    done = asyncio.run(records(stack, job_ids))
+    done = records(stack, job_ids)
 
     assert len(job_ids) == 200
     assert {job_id: statuses for job_id, statuses in done.items() if statuses != ['succeeded']} == {}
-    assert len(stack.heartbeats()) == 3
+    heartbeats = stack.heartbeats()
+    assert len(heartbeats) == 3
     # each replica its own worker id: its container's hostname
     hostnames = {stack.inspect(c, '{{.Config.Hostname}}') for c in stack.replicas()}
-    assert {key.removeprefix('arq:worker:').split(':')[0] for key in stack.heartbeats()} == hostnames
+    assert {key.removeprefix('arq:worker:').split(':')[0] for key in heartbeats} == hostnames
 
 
 def test_the_image_runs_as_a_user_of_its_own(stack: Stack) -> None:
@@ -185,7 +156,7 @@ def test_scale_to_five_then_to_two_under_load_loses_no_job(stack: Stack) -> None
         time.sleep(2)
 
     assert load.job_ids
-    assert not_once_succeeded(load) == {}
+    assert load.not_once_succeeded() == {}
 
 
 def test_restart_under_load_loses_no_job(stack: Stack) -> None:
@@ -195,7 +166,7 @@ def test_restart_under_load_loses_no_job(stack: Stack) -> None:
         time.sleep(2)
 
     assert stack.replicas() == before
-    assert not_once_succeeded(load) == {}
+    assert load.not_once_succeeded() == {}
     wait_until(lambda: len(stack.heartbeats()) == 2, 60, 'both replicas beating again')
 
 
@@ -264,8 +235,9 @@ def test_a_flow_package_put_in_flows_is_built_into_the_image_and_its_flow_runs(
 
     job_id, result = asyncio.run(version())
     assert result == 'extra-flows 1.0'
-    assert asyncio.run(records(stack, [job_id])) == {job_id: ['succeeded']}
-    wait_until(lambda: len(stack.heartbeats()) == len(stack.replicas()), 60, 'every replica beating')
+    assert records(stack, [job_id]) == {job_id: ['succeeded']}
+    replicas = len(stack.replicas())
+    wait_until(lambda: len(stack.heartbeats()) == replicas, 60, 'every replica beating')
 
 
 def test_a_replica_killed_mid_job_has_its_job_run_again(stack: Stack) -> None:
@@ -288,13 +260,14 @@ def test_a_replica_killed_mid_job_has_its_job_run_again(stack: Stack) -> None:
     # asked for, which the restart policy leaves alone)
     os.kill(int(stack.inspect(victim, '{{.State.Pid}}')), signal.SIGKILL)
 
-    statuses = asyncio.run(records(stack, [job_id], timeout=180))[job_id]
+    statuses = records(stack, [job_id], timeout=180)[job_id]
     assert statuses[-1] == 'succeeded', statuses
     assert len(statuses) == 2, statuses  # the killed attempt, then the one that ran it again
     # restart: unless-stopped brings the killed replica back
     restarted = '{{.State.Running}} {{.RestartCount}}'
     wait_until(lambda: stack.inspect(victim, restarted) == 'true 1', 60, 'a restart')
-    wait_until(lambda: len(stack.heartbeats()) == len(stack.replicas()), 60, 'every replica beating')
+    replicas = len(stack.replicas())
+    wait_until(lambda: len(stack.heartbeats()) == replicas, 60, 'every replica beating')
 
 
 def test_a_replica_that_cannot_reach_redis_turns_unhealthy(stack: Stack) -> None:

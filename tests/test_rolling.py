@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import asyncpg
@@ -33,6 +32,7 @@ from .conftest import (
     podman_exec,
     running_attempt,
     runs_as_its_inventory_says,
+    wait_until,
 )
 
 FLEET = {'lab-worker-1': 3, 'lab-worker-2': 3}
@@ -41,15 +41,6 @@ ROLLING_RESTART = 'playbooks/rolling_restart.yml'
 
 def running_pids(lab: Lab) -> dict[str, int]:
     return {key: beat['pid'] for key, beat in lab.heartbeats().items() if beat['state'] == 'running'}
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 60) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
 
 
 @pytest.fixture(scope='module')
@@ -255,7 +246,7 @@ def test_a_worker_killed_mid_job_leaves_a_lost_attempt_and_another_instance_runs
     assert attempts[0]['worker_id'] == killed
     assert attempts[1]['worker_id'] != killed
     back = keys_of('lab-worker-1', 1) | keys_of('lab-worker-2', FLEET['lab-worker-2'])
-    assert wait_until(lambda: set(running_pids(fleet)) == back), running_pids(fleet)
+    wait_until(lambda: set(running_pids(fleet)) == back, 60, 'the instances running again')
 
 
 def test_an_instance_that_cannot_start_stops_the_restart_on_its_host(deployed: Lab, fleet: Lab) -> None:

@@ -140,14 +140,20 @@ class Stack:
         what: str,
         alive: WorkerProcess | None = None,
     ) -> Any:
-        """Poll ``condition`` until it is truthy (failing early if the ``alive`` worker exits)."""
-        async with asyncio.timeout(timeout):
-            while not (result := await condition()):
-                if alive is not None and not alive.alive():
-                    pytest.fail(
-                        f'worker exited ({alive.process.returncode}) before {what}:\n{alive.output()}'
-                    )
-                await asyncio.sleep(0.05)
+        """Poll ``condition`` until it is truthy; with the ``alive`` worker, fail early if it exits,
+        and with its log if the time runs out."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not (result := await condition()):
+                    if alive is not None and not alive.alive():
+                        pytest.fail(
+                            f'worker exited ({alive.process.returncode}) before {what}:\n{alive.output()}'
+                        )
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            if alive is None:
+                raise
+            pytest.fail(f'no {what} within {timeout:g} s; the worker said:\n{alive.output()}')
         return result
 
     async def enqueue(self, flow: str, params: dict[str, Any] | None = None, **kwargs: Any) -> str:
@@ -161,8 +167,10 @@ class Stack:
         )
         return rows
 
-    async def wait_final(self, job_ids: list[str], timeout: float = 30) -> list[asyncpg.Record]:
-        """Wait until every job's task record is final; the records."""
+    async def wait_final(
+        self, job_ids: list[str], timeout: float = 30, alive: WorkerProcess | None = None
+    ) -> list[asyncpg.Record]:
+        """Wait until every job's task record is final; the records (``alive``: as for wait_for)."""
 
         async def final() -> list[asyncpg.Record] | None:
             rows = await self.db.fetch(
@@ -172,7 +180,9 @@ class Stack:
             )
             return rows if len(rows) == len(job_ids) else None
 
-        rows: list[asyncpg.Record] = await self.wait_for(final, timeout, f'{len(job_ids)} final task records')
+        rows: list[asyncpg.Record] = await self.wait_for(
+            final, timeout, f'{len(job_ids)} final task records', alive
+        )
         return rows
 
 
