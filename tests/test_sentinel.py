@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from .conftest import LAB_HA, ROOT, WORKERS, Lab, Run, ansible_playbook, podman_exec
+from .conftest import LAB_HA, ROOT, WORKERS, Lab, Run, ansible_playbook, final_attempts, podman_exec
 
 NODES = ('lab-db', 'lab-redis-2', 'lab-redis-3')
 MASTER_NAME = 'flowworker'
@@ -167,19 +167,9 @@ def attempts(lab: Lab, job_ids: list[str], since: float) -> tuple[dict[str, list
     worker process's first start after ``since`` (epoch seconds)."""
 
     async def read() -> tuple[dict[str, list[str]], dict[str, float]]:
+        found = await final_attempts(lab.worker_dsn(), job_ids, 120)
         db = await asyncpg.connect(lab.worker_dsn())
         try:
-            deadline = time.monotonic() + 120
-            while True:
-                rows = await db.fetch(
-                    'SELECT job_id, status FROM flow_task_attempts WHERE job_id = ANY($1) '
-                    'ORDER BY job_id, attempt',
-                    job_ids,
-                )
-                final = {r['job_id'] for r in rows if r['status'] in ('succeeded', 'failed', 'cancelled')}
-                if len(final) == len(job_ids) or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(1)
             firsts = await db.fetch(
                 'SELECT worker_id, extract(epoch FROM min(started_at)) AS first FROM flow_task_attempts '
                 'WHERE started_at > to_timestamp($1) GROUP BY worker_id',
@@ -187,10 +177,8 @@ def attempts(lab: Lab, job_ids: list[str], since: float) -> tuple[dict[str, list
             )
         finally:
             await db.close()
-        found: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
-        for row in rows:
-            found[row['job_id']].append(row['status'])
-        return found, {r['worker_id']: float(r['first']) for r in firsts}
+        statuses = {job_id: [row['status'] for row in rows] for job_id, rows in found.items()}
+        return statuses, {r['worker_id']: float(r['first']) for r in firsts}
 
     return asyncio.run(read())
 
